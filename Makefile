@@ -1,0 +1,48 @@
+# inferstack: `make run` serves the stack locally, `make test` runs the test suite.
+# Everything runs from a virtualenv in .venv/, created on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+WORKERS ?= 1
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+# Component fragments (operator, chart, load test) add targets and prerequisites.
+-include mk/*.mk
+.PHONY: help venv redis run test test-fast loadtest bench lint images chart clean
+
+help:
+	@echo "make run        redis + $(WORKERS) worker(s) + gunicorn on http://127.0.0.1:5000 (WORKERS=N)"
+	@echo "make test       the pytest suite (real redis-server, gunicorn, workers)"
+	@echo "make loadtest   locust, headless, against the local stack (or HOST=...)"
+	@echo "make bench      served vs raw throughput and latency, JSON + PNG under bench/results/"
+	@echo "make lint       hadolint on the Dockerfiles, helm lint on the chart"
+	@echo "make images     docker build of web, worker (CPU, GPU) and operator images"
+	@echo "make chart      sync the CRD into the chart and package it"
+
+$(BIN)/.stamp: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+venv: $(BIN)/.stamp
+
+# Tests and `make run` need redis-server; Debian's package is the one we test with.
+redis:
+	@command -v redis-server >/dev/null 2>&1 || { \
+		echo "installing redis-server from Debian"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+
+run: venv redis
+	$(BIN)/python -m inferstack.devstack --workers $(WORKERS)
+
+test: venv redis $(HELM_VENV_STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .venv-helm .pytest_cache build *.egg-info
+

@@ -1,0 +1,212 @@
+"""The HTTP API: POST /predict, GET /healthz, /readyz, /metrics.
+
+Served by gunicorn with threads (`gunicorn 'inferstack_web.app:create_app()'`): a request
+spends nearly all its time blocked on Redis waiting for its reply, not on the CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import redis
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from inferstack.config import Settings
+from inferstack.imaging import BadImage, decode_image
+from inferstack.protocol import QueueFull, ReplyTimeout, WebQueue
+
+from . import metrics
+from .errors import ApiError, BadRequest, InferenceFailed, PayloadTooLarge, ResultTimeout, Unavailable
+
+log = logging.getLogger("inferstack.web")
+
+DEFAULT_INPUT_SIZE = (224, 224)
+# Multipart framing around the file; the file itself is held to max_image_bytes.
+MULTIPART_SLACK = 64 * 1024
+# Reading the rest of a too-large body lets the client see our 413 instead of a reset.
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+
+class _ModelSize:
+    """Input size advertised by the workers, cached briefly so /predict needs no extra round trip."""
+
+    def __init__(self, queue: WebQueue, ttl_s: float = 5.0) -> None:
+        self.queue = queue
+        self.ttl_s = ttl_s
+        self._value = DEFAULT_INPUT_SIZE
+        self._name: str | None = None
+        self._expires = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> tuple[int, int]:
+        now = time.monotonic()
+        if now < self._expires:
+            return self._value
+        with self._lock:
+            if now >= self._expires:
+                try:
+                    info = self.queue.model_info()
+                except redis.RedisError:
+                    info = None
+                if info:
+                    self._value = (int(info["input_shape"][0]), int(info["input_shape"][1]))
+                    self._name = info.get("name")
+                self._expires = now + (self.ttl_s if info else 0.5)
+        return self._value
+
+    @property
+    def name(self) -> str | None:
+        return self._name
+
+
+def _top_k(raw: str | None, default: int) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"top_k must be an integer between 1 and 1000, got {raw[:20]!r}.") from None
+    if not 1 <= value <= 1000:
+        raise BadRequest(f"top_k must be between 1 and 1000, got {value}.")
+    return value
+
+
+def _error(status: int, message: str, retry_after: int | None = None) -> Response:
+    resp = jsonify(success=False, error=message)
+    resp.status_code = status
+    if retry_after is not None:
+        resp.headers["Retry-After"] = str(retry_after)
+    return resp
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    settings = settings or Settings.from_env()
+    app = Flask("inferstack_web")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes + MULTIPART_SLACK
+    queue = WebQueue(settings.redis_url, settings.queue_prefix, settings.max_queue, settings.request_timeout_s)
+    model_size = _ModelSize(queue)
+    app.extensions["inferstack"] = {"settings": settings, "queue": queue}
+
+    @app.errorhandler(ApiError)
+    def _api_error(exc: ApiError) -> Response:
+        return _error(exc.status, exc.message, exc.retry_after)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def _too_large(exc: RequestEntityTooLarge) -> Response:
+        _drain()
+        return _error(413, f"The upload is larger than the limit of {settings.max_image_bytes} bytes.")
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> Response:
+        return _error(exc.code or 500, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(500, "Internal error; the request was not processed. Retry, and report it if it persists.")
+
+    @app.after_request
+    def _count(resp: Response) -> Response:
+        if request.path == "/predict":
+            metrics.REQUESTS.labels(code=str(resp.status_code)).inc()
+            started = request.environ.get("inferstack.start")
+            if started is not None:
+                metrics.LATENCY.observe(time.perf_counter() - started)
+        return resp
+
+    @app.post("/predict")
+    def predict() -> Response:
+        request.environ["inferstack.start"] = started = time.perf_counter()
+        top_k = _top_k(request.args.get("top_k"), settings.top_k)
+        upload = request.files.get("image")
+        if upload is None:
+            raise BadRequest(
+                "No 'image' field in the request; send the file as multipart/form-data, "
+                "e.g. curl -F image=@cat.jpg."
+            )
+        data = upload.stream.read(settings.max_image_bytes + 1)
+        if len(data) > settings.max_image_bytes:
+            raise PayloadTooLarge(f"The upload is larger than the limit of {settings.max_image_bytes} bytes.")
+        t0 = time.perf_counter()
+        try:
+            pixels = decode_image(data, model_size.get(), settings.max_image_pixels)
+        except BadImage as exc:
+            raise BadRequest(str(exc)) from None
+        metrics.DECODE.observe(time.perf_counter() - t0)
+
+        try:
+            request_id = queue.submit(pixels, top_k)
+        except QueueFull:
+            raise Unavailable("The server is at capacity (request queue full); retry shortly.", 1) from None
+        except redis.RedisError as exc:
+            log.warning("redis unavailable on submit: %s", exc)
+            raise Unavailable("The request queue is unreachable; retry shortly.", 2) from None
+        remaining = settings.request_timeout_s - (time.perf_counter() - started)
+        try:
+            reply = queue.wait(request_id, max(remaining, 0.01))
+        except ReplyTimeout:
+            raise ResultTimeout(
+                f"No result within {settings.request_timeout_s:g} s; the workers are busy or down. Retry later."
+            ) from None
+        except redis.RedisError as exc:
+            log.warning("redis unavailable while waiting: %s", exc)
+            raise Unavailable("The request queue became unreachable while waiting; retry shortly.", 2) from None
+        if not reply.get("ok"):
+            raise InferenceFailed(reply.get("error") or "The model failed on this image.")
+        body: dict[str, Any] = {"success": True, "predictions": reply["predictions"]}
+        if reply.get("model"):
+            body["model"] = reply["model"]
+        return jsonify(body)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(status="ok")
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        try:
+            queue.ping()
+            workers = queue.live_workers()
+        except redis.RedisError as exc:
+            resp = jsonify(ready=False, reason=f"Redis unreachable: {exc}")
+            resp.status_code = 503
+            return resp
+        if not workers:
+            resp = jsonify(ready=False, reason="no live worker has a current heartbeat")
+            resp.status_code = 503
+            return resp
+        return jsonify(ready=True, workers=len(workers))
+
+    @app.get("/metrics")
+    def metrics_view() -> Response:
+        try:
+            depth: int | None = queue.depth()
+            live: int | None = len(queue.live_workers())
+        except redis.RedisError:
+            depth = live = None
+        return Response(metrics.render(depth, live), mimetype="text/plain; version=0.0.4")
+
+    return app
+
+
+def _drain() -> None:
+    """Consume the unread body so the connection can carry our 413 back to the client."""
+    length = request.content_length
+    if length is None or length > DRAIN_LIMIT:
+        return
+    stream = request.environ.get("wsgi.input")
+    if stream is None:
+        return
+    left = length
+    try:
+        while left > 0:
+            chunk = stream.read(min(left, 1 << 20))
+            if not chunk:
+                break
+            left -= len(chunk)
+    except Exception:  # client went away; nothing to save
+        pass

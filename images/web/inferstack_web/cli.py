@@ -1,0 +1,48 @@
+"""`inferstack-web`: run the API under gunicorn with settings from the environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+from inferstack.config import ConfigError, Settings
+
+
+def gunicorn_argv(settings: Settings, host: str) -> list[str]:
+    return [
+        "gunicorn",
+        "--config", "python:inferstack_web.gunicorn_conf",
+        "--bind", f"{host}:{settings.port}",
+        "--worker-class", "gthread",
+        "--workers", str(settings.web_processes),
+        "--threads", str(settings.web_threads),
+        # Threads sit in BLPOP for up to the request timeout; don't let gunicorn kill them first.
+        "--timeout", str(int(settings.request_timeout_s) + 30),
+        "--graceful-timeout", str(int(settings.request_timeout_s) + 5),
+        "--keep-alive", "5",
+        "--backlog", "2048",
+        # The control socket would need a writable $HOME; pods run with a read-only root.
+        "--no-control-socket",
+        "inferstack_web.app:create_app()",
+    ]
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        sys.exit(f"inferstack-web: {exc}")
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Each gunicorn process writes its counters here; /metrics merges them.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="inferstack-metrics-")
+    host = os.environ.get("INFERSTACK_HOST", "0.0.0.0")
+    argv = gunicorn_argv(settings, host)
+    if os.environ.get("INFERSTACK_ACCESS_LOG"):
+        argv[1:1] = ["--access-logfile", os.environ["INFERSTACK_ACCESS_LOG"]]
+    argv[-1:-1] = sys.argv[1:]
+    os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", *argv[1:]])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Code shared by the web tier and the worker: config, the queue protocol, image decoding."""

@@ -1,0 +1,83 @@
+"""Settings read once from the environment (names are public: see the README)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+
+class ConfigError(ValueError):
+    """An environment variable holds a value we cannot use."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, lo: int, hi: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+        raise ConfigError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float, lo: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < lo:
+        raise ConfigError(f"{name} must be >= {lo}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    port: int = 5000
+    model: str = "ResNet50"
+    weights: str = "imagenet"
+    labels: str | None = None
+    batch_size: int = 32
+    max_batch_delay_ms: float = 5.0
+    max_queue: int = 1000
+    request_timeout_s: float = 30.0
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_image_pixels: int = 50_000_000
+    top_k: int = 5
+    # Key prefix lets several stacks share one Redis (tests, side-by-side benchmarks).
+    queue_prefix: str = "inferstack"
+    worker_name: str | None = None
+    ready_file: str | None = None
+    web_processes: int = 2
+    web_threads: int = 32
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if env is None else env
+        return cls(
+            redis_url=env.get("INFERSTACK_REDIS_URL") or cls.redis_url,
+            port=_int(env, "INFERSTACK_PORT", cls.port, 1, 65535),
+            model=env.get("INFERSTACK_MODEL") or cls.model,
+            weights=env.get("INFERSTACK_WEIGHTS") or cls.weights,
+            labels=env.get("INFERSTACK_LABELS") or None,
+            batch_size=_int(env, "INFERSTACK_BATCH_SIZE", cls.batch_size, 1, 1024),
+            max_batch_delay_ms=_float(env, "INFERSTACK_MAX_BATCH_DELAY_MS", cls.max_batch_delay_ms, 0.0),
+            max_queue=_int(env, "INFERSTACK_MAX_QUEUE", cls.max_queue, 1),
+            request_timeout_s=_float(env, "INFERSTACK_REQUEST_TIMEOUT_S", cls.request_timeout_s, 0.1),
+            max_image_bytes=_int(env, "INFERSTACK_MAX_IMAGE_BYTES", cls.max_image_bytes, 1),
+            max_image_pixels=_int(env, "INFERSTACK_MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
+            top_k=_int(env, "INFERSTACK_TOP_K", cls.top_k, 1, 1000),
+            queue_prefix=env.get("INFERSTACK_QUEUE_PREFIX") or cls.queue_prefix,
+            worker_name=env.get("INFERSTACK_WORKER_NAME") or None,
+            ready_file=env.get("INFERSTACK_READY_FILE") or None,
+            web_processes=_int(env, "INFERSTACK_WEB_PROCESSES", cls.web_processes, 1, 64),
+            web_threads=_int(env, "INFERSTACK_WEB_THREADS", cls.web_threads, 1, 1024),
+        )

@@ -1,0 +1,232 @@
+"""The whole stack on one machine, without Kubernetes: redis-server, N workers, gunicorn.
+
+`make run` uses it in the foreground; the tests and benchmarks use the same class so what they
+exercise is what a user runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _script(name: str) -> list[str]:
+    """The installed console script next to this interpreter, else the module."""
+    exe = Path(sys.executable).with_name(name)
+    if exe.exists():
+        return [str(exe)]
+    module = {"inferstack-web": "inferstack_web.cli", "inferstack-worker": "inferstack_worker.cli"}[name]
+    return [sys.executable, "-m", module]
+
+
+class LocalStack:
+    def __init__(
+        self,
+        port: int | None = None,
+        redis_port: int | None = None,
+        env: dict[str, str] | None = None,
+        log_dir: str | None = None,
+        quiet: bool = True,
+    ) -> None:
+        self.port = port or free_port()
+        self.redis_port = redis_port or free_port()
+        self.env = {k: v for k, v in os.environ.items()}
+        self.env.update(env or {})
+        self.env["INFERSTACK_REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.env["INFERSTACK_PORT"] = str(self.port)
+        self.env.setdefault("INFERSTACK_HOST", "127.0.0.1")
+        self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="inferstack-logs-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.quiet = quiet
+        self.redis: subprocess.Popen | None = None
+        self.web: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self._worker_seq = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        out = None if not self.quiet else open(self.log_dir / f"{name}.log", "ab")
+        return subprocess.Popen(
+            argv, env=env or self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
+            # Own process group: Ctrl-C in `make run` reaches us, and we stop the children in order.
+            start_new_session=True,
+        )
+
+    def start_redis(self) -> None:
+        server = shutil.which("redis-server")
+        if server is None:
+            raise RuntimeError("redis-server is not installed (Debian: apt-get install redis-server)")
+        try:
+            socket.create_connection(("127.0.0.1", self.redis_port), timeout=0.2).close()
+            raise RuntimeError(f"port {self.redis_port} is already in use; pick another with REDIS_PORT=...")
+        except OSError:
+            pass
+        self.redis = self._spawn(
+            [server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--maxmemory-policy", "noeviction"],
+            "redis",
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.redis_port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {self.redis_port}")
+
+    def stop_redis(self) -> None:
+        if self.redis is not None:
+            self.redis.terminate()
+            self.redis.wait(10)
+            self.redis = None
+
+    def start_worker(self, env: dict[str, str] | None = None) -> subprocess.Popen:
+        self._worker_seq += 1
+        wenv = dict(self.env)
+        wenv.update(env or {})
+        wenv.setdefault("INFERSTACK_WORKER_NAME", f"local-worker-{self._worker_seq}-{os.getpid()}")
+        proc = self._spawn(_script("inferstack-worker"), f"worker-{self._worker_seq}", wenv)
+        self.workers.append(proc)
+        return proc
+
+    def start_web(self) -> None:
+        self.web = self._spawn(_script("inferstack-web"), "web")
+
+    def wait_ready(self, timeout_s: float = 180.0, workers: int = 1) -> None:
+        """Until /readyz says ready with at least `workers` live workers."""
+        import json
+
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while time.monotonic() < deadline:
+            for proc in [self.redis, self.web, *self.workers]:
+                if proc is not None and proc.poll() is not None:
+                    raise RuntimeError(f"a process exited early ({proc.args}); logs in {self.log_dir}")
+            try:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as resp:
+                    body = json.loads(resp.read())
+                    if body.get("workers", 0) >= workers:
+                        return
+            except urllib.error.HTTPError as exc:
+                last = exc.read().decode(errors="replace")
+            except OSError as exc:
+                last = str(exc)
+            time.sleep(0.2)
+        raise RuntimeError(f"stack not ready after {timeout_s} s: {last}; logs in {self.log_dir}")
+
+    def start(self, workers: int = 1, wait: bool = True) -> "LocalStack":
+        self.start_redis()
+        for _ in range(workers):
+            self.start_worker()
+        self.start_web()
+        if wait and workers:
+            self.wait_ready(workers=workers)
+        return self
+
+    def stop(self) -> None:
+        # Web first (no new work), then workers (finish their batch), then the queue.
+        procs = [self.web, *self.workers]
+        for proc in procs:
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            if proc is not None:
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.web = None
+        self.workers = []
+        self.stop_redis()
+
+    def __enter__(self) -> "LocalStack":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _imagenet_weights_available() -> bool:
+    cache = Path(os.environ.get("KERAS_HOME", Path.home() / ".keras")) / "models"
+    if any(cache.glob("resnet50_weights_tf_dim_ordering_tf_kernels*.h5")):
+        return True
+    try:
+        urllib.request.urlopen("https://storage.googleapis.com/tensorflow/keras-applications/", timeout=5)
+        return True
+    except urllib.error.HTTPError:
+        return True  # reachable; the download itself will work
+    except OSError:
+        return False
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run redis-server, workers and the web API locally.")
+    parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
+    args = parser.parse_args()
+    env: dict[str, str] = {}
+    model = os.environ.get("INFERSTACK_MODEL", "ResNet50")
+    if "INFERSTACK_WEIGHTS" not in os.environ and model == "ResNet50" and not _imagenet_weights_available():
+        print(
+            "inferstack: ImageNet weights are not cached and cannot be downloaded here; serving ResNet50 with "
+            "RANDOM weights (INFERSTACK_WEIGHTS=none): predictions are meaningless. Put the weights file in "
+            "~/.keras/models or set INFERSTACK_WEIGHTS=/path/to/weights.h5.",
+            file=sys.stderr,
+        )
+        env["INFERSTACK_WEIGHTS"] = "none"
+    stack = LocalStack(port=int(os.environ.get("INFERSTACK_PORT", "5000")), redis_port=int(
+        os.environ.get("REDIS_PORT", "6379")), env=env, quiet=False)
+    stopping = False
+
+    def stop(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        stack.start(workers=args.workers, wait=False)
+        print(f"inferstack: starting {args.workers} worker(s); API on {stack.url}/predict (Ctrl-C stops)",
+              file=sys.stderr)
+        ready = False
+        while not stopping:
+            for proc in [stack.redis, stack.web, *stack.workers]:
+                if proc is not None and proc.poll() is not None:
+                    print(f"inferstack: {proc.args[0]} exited with {proc.returncode}; stopping", file=sys.stderr)
+                    stopping = True
+            if not ready and not stopping:
+                try:
+                    urllib.request.urlopen(stack.url + "/readyz", timeout=1)
+                    ready = True
+                    print(f"inferstack: ready. Try: curl -X POST -F image=@cat.jpg {stack.url}/predict",
+                          file=sys.stderr)
+                except OSError:
+                    pass
+            time.sleep(0.5)
+    finally:
+        stack.stop()
+        print("inferstack: stopped", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Shared fixtures: a small Keras model trained here on a real data set, real photos, stacks."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+DIGIT_LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+DIGIT_SIZE = 32
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def digit_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's handwritten digits as 32x32 RGB uint8 images, and their classes."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    gray = (digits.images / 16.0 * 255).round().astype(np.uint8)  # (n, 8, 8)
+    big = gray.repeat(DIGIT_SIZE // 8, axis=1).repeat(DIGIT_SIZE // 8, axis=2)
+    return np.stack([big] * 3, axis=-1), digits.target
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """Train a small CNN on 1500 digits, save it as .keras with a labels file; 297 held out."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    images, target = digit_images()
+    x_train, y_train = images[:1500], target[:1500]
+    x_test, y_test = images[1500:], target[1500:]
+    model = keras.Sequential(
+        [
+            keras.Input((DIGIT_SIZE, DIGIT_SIZE, 3)),
+            keras.layers.Rescaling(1 / 255.0),
+            keras.layers.Conv2D(16, 3, activation="relu"),
+            keras.layers.MaxPooling2D(4),
+            keras.layers.Flatten(),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x_train.astype("float32"), y_train, epochs=12, batch_size=32, verbose=0)
+    folder = tmp_path_factory.mktemp("digits")
+    path = folder / "digits.keras"
+    model.save(path)
+    labels = folder / "labels.txt"
+    labels.write_text("\n".join(DIGIT_LABELS) + "\n")
+    return {"path": str(path), "labels": str(labels), "x_test": x_test, "y_test": y_test}
+
+
+@pytest.fixture(scope="session")
+def photos() -> dict[str, bytes]:
+    """Real photographs shipped with scikit-image, as JPEG and PNG uploads."""
+    import skimage.data
+
+    return {
+        "chelsea.jpg": jpeg_bytes(skimage.data.chelsea()),
+        "coffee.jpg": jpeg_bytes(skimage.data.coffee()),
+        "astronaut.png": png_bytes(skimage.data.astronaut()),
+        "rocket.jpg": jpeg_bytes(skimage.data.rocket()),
+    }
+
+
+@pytest.fixture(scope="module")
+def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., "LocalStack"]]:
+    """Start a LocalStack (real redis-server, workers, gunicorn); stopped at module end."""
+    from inferstack.devstack import LocalStack
+
+    stacks: list[LocalStack] = []
+
+    def make(workers: int = 1, env: dict[str, str] | None = None, wait: bool = True) -> LocalStack:
+        logs = tmp_path_factory.mktemp("stack-logs")
+        stack = LocalStack(env=env, log_dir=str(logs))
+        stacks.append(stack)
+        stack.start(workers=workers, wait=wait)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+def digits_env(model: dict[str, object], **extra: str) -> dict[str, str]:
+    env = {
+        "INFERSTACK_MODEL": str(model["path"]),
+        "INFERSTACK_LABELS": str(model["labels"]),
+        "INFERSTACK_WEB_PROCESSES": "2",
+        "INFERSTACK_WEB_THREADS": "16",
+    }
+    env.update(extra)
+    return env
+
+
+def stack_log(stack: "LocalStack") -> str:
+    out = []
+    for f in sorted(Path(stack.log_dir).glob("*.log")):
+        out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}")
+    return "\n".join(out)
+
+
+from inferstack.devstack import LocalStack  # noqa: E402  (for type hints above)

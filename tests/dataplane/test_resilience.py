@@ -1,0 +1,162 @@
+"""Failures a user will meet: a worker killed mid-batch, Redis restarting, overload, no workers."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import redis
+import requests
+
+from inferstack.protocol import GROUP, Keys
+from tests.conftest import digits_env, png_bytes, stack_log
+
+
+def post(stack, data: bytes, timeout: float = 60, **params) -> requests.Response:
+    return requests.post(stack.url + "/predict", files={"image": ("x.png", data)}, params=params, timeout=timeout)
+
+
+def test_worker_sigkilled_mid_batch_loses_no_request(make_stack, photos):
+    # A model slow enough that batches are in flight most of the time.
+    stack = make_stack(
+        workers=2,
+        env={
+            "INFERSTACK_MODEL": "MobileNetV3Small",
+            "INFERSTACK_WEIGHTS": "none",
+            "INFERSTACK_BATCH_SIZE": "8",
+            "INFERSTACK_MAX_BATCH_DELAY_MS": "20",
+        },
+    )
+    r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
+    keys = Keys("inferstack")
+    victim = stack.workers[0]
+    victim_name = f"local-worker-1-{__import__('os').getpid()}"
+    uploads = [photos[name] for name in sorted(photos)] * 16  # 64 requests
+
+    killed = threading.Event()
+
+    def killer() -> None:
+        # Wait until the victim holds unacknowledged requests, then SIGKILL it.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                for c in r.xinfo_consumers(keys.stream, GROUP):
+                    if c["name"].decode() == victim_name and c["pending"] > 0:
+                        victim.send_signal(signal.SIGKILL)
+                        killed.set()
+                        return
+            except redis.ResponseError:
+                pass
+            time.sleep(0.002)
+
+    t = threading.Thread(target=killer)
+    t.start()
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda u: post(stack, u), uploads))
+    t.join()
+    assert killed.is_set(), "the victim never held a batch"
+    assert victim.wait(5) == -signal.SIGKILL
+    codes = [resp.status_code for resp in responses]
+    assert codes == [200] * len(uploads), (codes, stack_log(stack))
+    assert all(resp.json()["success"] for resp in responses)
+    # Nothing left behind: every entry was answered and acknowledged by the survivor.
+    assert r.xlen(keys.stream) == 0
+    assert "reclaimed" in stack_log(stack)
+
+
+def test_redis_restart_503_then_recovers_without_restarting_processes(make_stack, digits_model):
+    stack = make_stack(workers=1, env=digits_env(digits_model))
+    upload = png_bytes(digits_model["x_test"][0])
+    assert post(stack, upload).status_code == 200
+    web_pid, worker_pid = stack.web.pid, stack.workers[0].pid
+
+    stack.stop_redis()
+    t0 = time.monotonic()
+    down = post(stack, upload, timeout=30)
+    elapsed = time.monotonic() - t0
+    assert down.status_code == 503, down.text
+    assert down.headers.get("Retry-After")
+    assert down.json()["success"] is False and "unreachable" in down.json()["error"]
+    assert elapsed < 5, f"503 took {elapsed:.1f} s"
+    assert requests.get(stack.url + "/readyz", timeout=10).status_code == 503
+    assert requests.get(stack.url + "/healthz", timeout=10).status_code == 200
+
+    stack.start_redis()  # same port, empty data
+    deadline = time.monotonic() + 30
+    status = None
+    while time.monotonic() < deadline:
+        status = post(stack, upload, timeout=10).status_code
+        if status == 200:
+            break
+        time.sleep(0.5)
+    assert status == 200, stack_log(stack)
+    assert stack.web.pid == web_pid and stack.web.poll() is None
+    assert stack.workers[0].pid == worker_pid and stack.workers[0].poll() is None
+
+
+def test_queue_full_503_and_timeout_504_without_workers(make_stack, digits_model):
+    stack = make_stack(
+        workers=0,
+        env=digits_env(digits_model, INFERSTACK_MAX_QUEUE="2", INFERSTACK_REQUEST_TIMEOUT_S="4",
+                       INFERSTACK_WEB_PROCESSES="1"),
+        wait=False,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(stack.url + "/healthz", timeout=1).status_code == 200:
+                break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    assert requests.get(stack.url + "/readyz", timeout=5).status_code == 503  # no worker
+    upload = png_bytes(digits_model["x_test"][0])
+    r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
+    with ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(post, stack, upload) for _ in range(2)]
+        while r.xlen("inferstack:requests") < 2:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        full = post(stack, upload)
+        assert time.monotonic() - t0 < 1.0, "a full queue must answer at once"
+        assert full.status_code == 503
+        assert full.headers["Retry-After"] == "1"
+        assert "queue full" in full.json()["error"]
+        timed_out = [f.result() for f in waiting]
+    for resp in timed_out:
+        assert resp.status_code == 504
+        assert resp.json() == {"success": False, "error": resp.json()["error"]}
+        assert "No result within 4 s" in resp.json()["error"]
+    # A worker arriving later drops the two expired requests without computing or answering them.
+    stack.start_worker()
+    deadline = time.monotonic() + 120
+    while r.xlen("inferstack:requests") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert r.xlen("inferstack:requests") == 0
+    assert not r.keys("inferstack:reply:*")
+
+
+def test_requests_queued_before_any_worker_are_served(make_stack, digits_model):
+    stack = make_stack(
+        workers=0,
+        env=digits_env(digits_model, INFERSTACK_REQUEST_TIMEOUT_S="20", INFERSTACK_WEB_PROCESSES="1"),
+        wait=False,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            requests.get(stack.url + "/healthz", timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    uploads = [png_bytes(img) for img in digits_model["x_test"][:6]]
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(post, stack, u) for u in uploads]
+        time.sleep(1.0)
+        stack.start_worker()  # comes up with 6 requests already queued
+        results = [f.result() for f in futures]
+    assert [r.status_code for r in results] == [200] * 6
+    r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
+    assert r.xlen("inferstack:requests") == 0
+    assert not r.keys("inferstack:reply:*"), "replies are consumed, none left behind"
