@@ -43,6 +43,12 @@ run: venv redis
 test: venv redis $(HELM_VENV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+loadtest: venv redis
+	$(BIN)/python loadtest/run.py
+
+bench: venv redis
+	$(BIN)/python bench/bench.py
+
 clean:
 	rm -rf $(VENV) .venv-helm .pytest_cache build *.egg-info
 

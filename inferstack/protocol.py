@@ -13,6 +13,9 @@ Keys, for prefix P:
   P:reply:<id>      list holding one JSON reply
   P:workers         sorted set: worker name -> heartbeat expiry (unix seconds, server clock)
   P:model           JSON describing the model the workers serve (input size, classes)
+  P:arrivals        pub/sub channel, one message per enqueue: wakes workers filling a batch
+                    (Redis blocking-command timeouts tick at server.hz, ~100 ms: too coarse for
+                    a 5 ms batch window, so the window is timed on the worker's side)
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 'h', ARGV[4], 'w', ARGV[5], 'c', ARGV[6],
            'top_k', ARGV[7], 'deadline_ms', now_ms + tonumber(ARGV[2]), 'data', ARGV[8])
+redis.call('PUBLISH', KEYS[2], '1')
 return {1, n + 1}
 """
 
@@ -104,6 +108,7 @@ class Keys:
         self.stream = f"{prefix}:requests"
         self.workers = f"{prefix}:workers"
         self.model = f"{prefix}:model"
+        self.arrivals = f"{prefix}:arrivals"
 
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:reply:{request_id}"
@@ -129,7 +134,7 @@ class WebQueue:
         request_id = uuid.uuid4().hex
         h, w, c = pixels.shape
         ok, depth = self._enqueue(
-            keys=[self.keys.stream],
+            keys=[self.keys.stream, self.keys.arrivals],
             args=[self.max_queue, int(self.timeout_s * 1000), request_id, h, w, c, top_k,
                   np.ascontiguousarray(pixels).tobytes()],
         )
@@ -170,6 +175,7 @@ class WorkerQueue:
         self._live = self.redis.register_script(_LIVE_WORKERS)
         self._now = self.redis.register_script(_NOW_MS)
         self._own_backlog_checked = False
+        self._arrivals: redis.client.PubSub | None = None
 
     def ensure_group(self) -> None:
         try:
@@ -189,6 +195,12 @@ class WorkerQueue:
     def reset_after_disconnect(self) -> None:
         # Redis may have come back with our unacknowledged requests (persistence on): re-read them.
         self._own_backlog_checked = False
+        if self._arrivals is not None:
+            try:
+                self._arrivals.close()
+            except redis.RedisError:
+                pass
+            self._arrivals = None
 
     def now_ms(self) -> int:
         return int(self._now())
@@ -218,15 +230,26 @@ class WorkerQueue:
             if own:
                 return own
         batch = self._read(batch_size, self.block_ms)
-        if not batch or max_delay_ms <= 0:
+        if not batch or max_delay_ms <= 0 or len(batch) >= batch_size:
             return batch
         end = time.monotonic() + max_delay_ms / 1000
+        arrivals = self._subscribe()
+        while arrivals.get_message(timeout=0) is not None:
+            pass  # announcements of requests we already hold
+        batch += self._read(batch_size - len(batch), None)
         while len(batch) < batch_size:
-            left_ms = int((end - time.monotonic()) * 1000)
-            if left_ms < 1:
+            left = end - time.monotonic()
+            if left <= 0:
                 break
-            batch += self._read(batch_size - len(batch), left_ms)
+            if arrivals.get_message(timeout=left) is not None:
+                batch += self._read(batch_size - len(batch), None)
         return batch
+
+    def _subscribe(self) -> redis.client.PubSub:
+        if self._arrivals is None:
+            self._arrivals = self.redis.pubsub(ignore_subscribe_messages=True)
+            self._arrivals.subscribe(self.keys.arrivals)
+        return self._arrivals
 
     def reclaim_from_dead(self, limit: int) -> list[Request]:
         """Claim requests held by workers whose heartbeat lapsed (killed, crashed, partitioned)."""

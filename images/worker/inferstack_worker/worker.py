@@ -99,6 +99,7 @@ class Worker:
             log.info("worker %s stopped after %d request(s)", self.queue.name, self.served)
 
     def process(self, batch: list[Request]) -> None:
+        t0 = time.perf_counter()
         now_ms = self.queue.now_ms()
         results: list[tuple[Request, dict[str, Any] | None]] = []
         live: list[Request] = []
@@ -112,8 +113,11 @@ class Worker:
                 live.append(req)
         if live:
             results += self._infer(live)
+        t1 = time.perf_counter()
         self.queue.complete(results, now_ms)
         self.served += len(live)
+        log.debug("batch of %d: inference %.1f ms, total %.1f ms", len(live), (t1 - t0) * 1000,
+                  (time.perf_counter() - t0) * 1000)
 
     def _infer(self, reqs: list[Request]) -> list[tuple[Request, dict[str, Any] | None]]:
         clf = self.classifier
