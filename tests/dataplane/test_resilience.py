@@ -160,3 +160,37 @@ def test_requests_queued_before_any_worker_are_served(make_stack, digits_model):
     r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
     assert r.xlen("inferstack:requests") == 0
     assert not r.keys("inferstack:reply:*"), "replies are consumed, none left behind"
+
+
+def test_sigterm_finishes_the_batch_then_exits(make_stack, photos):
+    stack = make_stack(
+        workers=2,
+        env={"INFERSTACK_MODEL": "MobileNetV3Small", "INFERSTACK_WEIGHTS": "none", "INFERSTACK_BATCH_SIZE": "8"},
+    )
+    r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
+    victim = stack.workers[0]
+    victim_name = f"local-worker-1-{__import__('os').getpid()}"
+    stopped = threading.Event()
+
+    def stopper() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for c in r.xinfo_consumers("inferstack:requests", GROUP):
+                if c["name"].decode() == victim_name and c["pending"] > 0:
+                    victim.send_signal(signal.SIGTERM)
+                    stopped.set()
+                    return
+            time.sleep(0.002)
+
+    t = threading.Thread(target=stopper)
+    t.start()
+    uploads = [photos[name] for name in sorted(photos)] * 8
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(lambda u: post(stack, u), uploads))
+    t.join()
+    assert stopped.is_set()
+    assert victim.wait(30) == 0
+    assert [resp.status_code for resp in responses] == [200] * len(uploads)
+    # The victim answered what it held itself: nothing was left for the survivor to reclaim.
+    assert "reclaimed" not in stack_log(stack)
+    assert not r.zscore("inferstack:workers", victim_name), "a stopped worker leaves the live set at once"
