@@ -35,6 +35,16 @@ def _script(name: str) -> list[str]:
     return [sys.executable, "-m", module]
 
 
+def _gpu_count() -> int:
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(1 for line in out.splitlines() if line.startswith("GPU "))
+
+
 class LocalStack:
     def __init__(
         self,
@@ -105,6 +115,10 @@ class LocalStack:
         wenv = dict(self.env)
         wenv.update(env or {})
         wenv.setdefault("INFERSTACK_WORKER_NAME", f"local-worker-{self._worker_seq}-{os.getpid()}")
+        gpus = _gpu_count()
+        if gpus and "CUDA_VISIBLE_DEVICES" not in wenv:
+            # One worker process per GPU: each sees only its own device.
+            wenv["CUDA_VISIBLE_DEVICES"] = str((self._worker_seq - 1) % gpus)
         proc = self._spawn(_script("inferstack-worker"), f"worker-{self._worker_seq}", wenv)
         self.workers.append(proc)
         return proc

@@ -18,6 +18,27 @@ def post(stack, data: bytes, timeout: float = 60, **params) -> requests.Response
     return requests.post(stack.url + "/predict", files={"image": ("x.png", data)}, params=params, timeout=timeout)
 
 
+def signal_when_busy(r: redis.Redis, proc, name: str, sig: int, done: threading.Event) -> threading.Thread:
+    """In the background: as soon as worker `name` holds unacknowledged requests, signal it."""
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                for c in r.xinfo_consumers(Keys("inferstack").stream, GROUP):
+                    if c["name"].decode() == name and c["pending"] > 0:
+                        proc.send_signal(sig)
+                        done.set()
+                        return
+            except redis.ResponseError:
+                pass  # the stream does not exist yet
+            time.sleep(0.002)
+
+    t = threading.Thread(target=watch)
+    t.start()
+    return t
+
+
 def test_worker_sigkilled_mid_batch_loses_no_request(make_stack, photos):
     # A model slow enough that batches are in flight most of the time.
     stack = make_stack(
@@ -36,23 +57,7 @@ def test_worker_sigkilled_mid_batch_loses_no_request(make_stack, photos):
     uploads = [photos[name] for name in sorted(photos)] * 16  # 64 requests
 
     killed = threading.Event()
-
-    def killer() -> None:
-        # Wait until the victim holds unacknowledged requests, then SIGKILL it.
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                for c in r.xinfo_consumers(keys.stream, GROUP):
-                    if c["name"].decode() == victim_name and c["pending"] > 0:
-                        victim.send_signal(signal.SIGKILL)
-                        killed.set()
-                        return
-            except redis.ResponseError:
-                pass
-            time.sleep(0.002)
-
-    t = threading.Thread(target=killer)
-    t.start()
+    t = signal_when_busy(r, victim, victim_name, signal.SIGKILL, killed)
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda u: post(stack, u), uploads))
     t.join()
@@ -171,19 +176,7 @@ def test_sigterm_finishes_the_batch_then_exits(make_stack, photos):
     victim = stack.workers[0]
     victim_name = f"local-worker-1-{__import__('os').getpid()}"
     stopped = threading.Event()
-
-    def stopper() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            for c in r.xinfo_consumers("inferstack:requests", GROUP):
-                if c["name"].decode() == victim_name and c["pending"] > 0:
-                    victim.send_signal(signal.SIGTERM)
-                    stopped.set()
-                    return
-            time.sleep(0.002)
-
-    t = threading.Thread(target=stopper)
-    t.start()
+    t = signal_when_busy(r, victim, victim_name, signal.SIGTERM, stopped)
     uploads = [photos[name] for name in sorted(photos)] * 8
     with ThreadPoolExecutor(16) as pool:
         responses = list(pool.map(lambda u: post(stack, u), uploads))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from importlib import resources
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -44,6 +46,35 @@ def _configure_gpus() -> None:
             tf.config.experimental.set_memory_growth(gpu, True)
         except RuntimeError:
             pass
+
+
+BAKED_KERAS_HOME = "/opt/keras"
+
+
+def link_baked_weights(baked_home: str | None = None) -> int:
+    """Make weights baked into the image visible in the cache folder Keras will actually use.
+
+    Keras ignores an unwritable KERAS_HOME and falls back to /tmp/.keras, where it would try a
+    download; pods run with a read-only root file system, so link the baked files there.
+    Returns how many files were linked.
+    """
+    baked = Path(baked_home or os.environ.get("INFERSTACK_BAKED_KERAS_HOME", BAKED_KERAS_HOME)) / "models"
+    if not baked.is_dir():
+        return 0
+    home = os.path.expanduser(os.environ.get("KERAS_HOME") or os.path.join("~", ".keras"))
+    if not os.access(home, os.W_OK):
+        home = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), ".keras")
+    target = Path(home) / "models"
+    if target.resolve() == baked.resolve():
+        return 0
+    target.mkdir(parents=True, exist_ok=True)
+    linked = 0
+    for f in baked.iterdir():
+        dest = target / f.name
+        if not dest.exists():
+            dest.symlink_to(f)
+            linked += 1
+    return linked
 
 
 class Classifier:
@@ -176,6 +207,8 @@ def load_classifier(settings: Settings) -> Classifier:
             weights = settings.weights
         else:
             raise ConfigError(f"INFERSTACK_WEIGHTS={settings.weights!r}: use imagenet, none, or a weights file path")
+        if weights == "imagenet" and link_baked_weights():
+            log.info("using ImageNet weights baked into the image")
         log.info("building %s (weights=%s)", spec, weights)
         model = factory(weights=weights)
         # Each architecture has its own preprocessing (caffe BGR means, [-1, 1], torch stats...).

@@ -1,0 +1,49 @@
+{{/*
+RBAC rules: exactly the calls the operator makes, as declared in
+operator/inferstack_operator/rbac.py (tests/chart/test_chart_rbac.py keeps them equal and
+checks them against the requests the operator's code sends).
+*/}}
+
+{{/* Namespaced resources: in a ClusterRole (all namespaces) or a Role per watched namespace. */}}
+{{- define "inferstack.rbac.namespacedRules" -}}
+# The InferenceService: kopf lists/watches it and patches its finalizer and progress annotations;
+# child_changed reads the owner.
+- apiGroups: ["inferstack.dev"]
+  resources: ["inferenceservices"]
+  verbs: ["get", "list", "watch", "patch"]
+# Status is written as a merge patch on the subresource.
+- apiGroups: ["inferstack.dev"]
+  resources: ["inferenceservices/status"]
+  verbs: ["patch"]
+# Children: get to detect drift, create when missing, server-side apply (patch) when drifted;
+# list/watch so their status changes refresh the owner's status.
+- apiGroups: ["apps"]
+  resources: ["deployments", "statefulsets"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+# Redis and front-door Services, and the shared ConfigMap: same as above, not watched.
+- apiGroups: [""]
+  resources: ["services", "configmaps"]
+  verbs: ["get", "create", "patch"]
+# pvc:// model locations must exist before the worker is created; read only.
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get"]
+# kopf.info()/kopf.warn() and kopf's own handler events.
+- apiGroups: [""]
+  resources: ["events"]
+  verbs: ["create"]
+{{- end }}
+
+{{/* Cluster-scoped resources kopf observes; namespaces only when it watches named namespaces. */}}
+{{- define "inferstack.rbac.clusterRules" -}}
+# kopf scans and watches CRDs to notice the InferenceService CRD appear or go.
+- apiGroups: ["apiextensions.k8s.io"]
+  resources: ["customresourcedefinitions"]
+  verbs: ["get", "list", "watch"]
+{{- if .Values.watchNamespaces }}
+# With --namespace, kopf lists and watches namespaces to resolve the names it was given.
+- apiGroups: [""]
+  resources: ["namespaces"]
+  verbs: ["get", "list", "watch"]
+{{- end }}
+{{- end }}
