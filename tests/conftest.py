@@ -12,6 +12,9 @@ import pytest
 from PIL import Image
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The operator's timer interval is fixed when its handlers module is imported, and the chart
+# tests import it before tests/operator/ is collected: set the fast test interval here.
+os.environ["INFERSTACK_OPERATOR_RESYNC_SECONDS"] = "1"
 
 DIGIT_LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 DIGIT_SIZE = 32

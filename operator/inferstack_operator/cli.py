@@ -1,0 +1,58 @@
+"""``inferstack-operator``: ``kopf run`` with this operator's handlers and sensible defaults.
+
+Every argument is passed to ``kopf run`` (``--namespace``/``-n``, ``--all-namespaces``/``-A``,
+``--standalone``, ``--peering``, ``--liveness``, ``--verbose``, ...). Added when absent:
+
+* ``--all-namespaces``, or ``--namespace`` for each name in ``$INFERSTACK_OPERATOR_NAMESPACE``;
+* ``--standalone`` (one operator replica; kopf peering needs its own CRDs), unless ``--peering``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from inferstack_operator.config import ENV_WATCH_NAMESPACE
+
+
+HANDLERS_MODULE = "inferstack_operator.handlers"
+
+
+def _has(args: Sequence[str], *options: str) -> bool:
+    for arg in args:
+        for option in options:
+            if arg == option or (option.startswith("--") and arg.startswith(option + "=")):
+                return True
+            if not option.startswith("--") and arg.startswith(option) and len(arg) > len(option):
+                return True  # short option with its value attached: -nfoo
+    return False
+
+
+def build_argv(args: Sequence[str], env: dict[str, str] | None = None) -> list[str]:
+    """The ``kopf`` argv for ``inferstack-operator ARGS``."""
+    env = dict(os.environ) if env is None else env
+    argv = ["run", "-m", HANDLERS_MODULE]
+    if _has(args, "--help", "-h"):
+        return ["run", "--help"]
+    if not _has(args, "--namespace", "-n", "--all-namespaces", "-A"):
+        names = [n.strip() for n in (env.get(ENV_WATCH_NAMESPACE) or "").split(",") if n.strip()]
+        if names:
+            for name in names:
+                argv += ["--namespace", name]
+        else:
+            argv.append("--all-namespaces")
+    if not _has(args, "--standalone", "--peering", "-P"):
+        argv.append("--standalone")
+    return argv + list(args)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import kopf.cli  # late: keeps --help of build_argv cheap to test
+
+    args = build_argv(sys.argv[1:] if argv is None else argv)
+    kopf.cli.main(args=args, prog_name="inferstack-operator")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Names and settings of the inferstack operator.
+
+The operator reads its settings from its own environment (the Helm chart sets them on the
+operator Deployment). Every one is optional:
+
+| variable | default | meaning |
+| --- | --- | --- |
+| ``INFERSTACK_WEB_IMAGE`` | ``ghcr.io/inferstack/web:0.1.0`` | web (gunicorn) image; ``spec.web.image`` overrides |
+| ``INFERSTACK_WORKER_IMAGE`` | ``ghcr.io/inferstack/worker:0.1.0`` | CPU worker image (``spec.worker.gpu: 0``); ``spec.worker.image`` overrides |
+| ``INFERSTACK_WORKER_GPU_IMAGE`` | ``ghcr.io/inferstack/worker-gpu:0.1.0`` | GPU worker image (``spec.worker.gpu > 0``); ``spec.worker.image`` overrides |
+| ``INFERSTACK_REDIS_IMAGE`` | ``redis:7.2.5-alpine`` | Redis image |
+| ``INFERSTACK_IMAGE_PULL_POLICY`` | ``IfNotPresent`` | ``Always``, ``IfNotPresent`` or ``Never`` for every container |
+| ``INFERSTACK_OPERATOR_RESYNC_SECONDS`` | ``60`` | period of the timer that repairs children and refreshes status |
+| ``INFERSTACK_OPERATOR_NAMESPACE`` | (empty) | ``inferstack-operator`` without ``--namespace``/``--all-namespaces``: watch this namespace (comma-separated for several); empty means all namespaces |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+GROUP = "inferstack.dev"
+VERSION = "v1alpha1"
+PLURAL = "inferenceservices"
+KIND = "InferenceService"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# Identifies this operator as the owner of fields (server-side apply) and of objects (labels).
+FIELD_MANAGER = "inferstack-operator"
+MANAGED_BY = "inferstack-operator"
+APP_NAME = "inferstack"
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+
+# Pod template annotation: a digest of the shared ConfigMap, so a config change rolls the pods
+# (envFrom is read only when a container starts).
+CONFIG_HASH_ANNOTATION = "inferstack.dev/config-hash"
+
+ENV_WEB_IMAGE = "INFERSTACK_WEB_IMAGE"
+ENV_WORKER_IMAGE = "INFERSTACK_WORKER_IMAGE"
+ENV_WORKER_GPU_IMAGE = "INFERSTACK_WORKER_GPU_IMAGE"
+ENV_REDIS_IMAGE = "INFERSTACK_REDIS_IMAGE"
+ENV_IMAGE_PULL_POLICY = "INFERSTACK_IMAGE_PULL_POLICY"
+ENV_RESYNC_SECONDS = "INFERSTACK_OPERATOR_RESYNC_SECONDS"
+ENV_WATCH_NAMESPACE = "INFERSTACK_OPERATOR_NAMESPACE"
+
+# All the settings the operator reads, for the chart engineer.
+OPERATOR_ENV = (
+    ENV_WEB_IMAGE,
+    ENV_WORKER_IMAGE,
+    ENV_WORKER_GPU_IMAGE,
+    ENV_REDIS_IMAGE,
+    ENV_IMAGE_PULL_POLICY,
+    ENV_RESYNC_SECONDS,
+    ENV_WATCH_NAMESPACE,
+)
+
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+
+
+class SettingsError(ValueError):
+    """An operator setting (environment variable) holds a value we cannot use."""
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    web_image: str = "ghcr.io/inferstack/web:0.1.0"
+    worker_image: str = "ghcr.io/inferstack/worker:0.1.0"
+    worker_gpu_image: str = "ghcr.io/inferstack/worker-gpu:0.1.0"
+    redis_image: str = "redis:7.2.5-alpine"
+    image_pull_policy: str = "IfNotPresent"
+    resync_seconds: float = 60.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        env = os.environ if env is None else env
+        policy = env.get(ENV_IMAGE_PULL_POLICY) or cls.image_pull_policy
+        if policy not in PULL_POLICIES:
+            raise SettingsError(f"{ENV_IMAGE_PULL_POLICY} must be one of {', '.join(PULL_POLICIES)}, got {policy!r}")
+        raw_resync = env.get(ENV_RESYNC_SECONDS) or str(cls.resync_seconds)
+        try:
+            resync = float(raw_resync)
+        except ValueError:
+            raise SettingsError(f"{ENV_RESYNC_SECONDS} must be a number of seconds, got {raw_resync!r}") from None
+        if resync <= 0:
+            raise SettingsError(f"{ENV_RESYNC_SECONDS} must be > 0, got {raw_resync!r}")
+        return cls(
+            web_image=env.get(ENV_WEB_IMAGE) or cls.web_image,
+            worker_image=env.get(ENV_WORKER_IMAGE) or cls.worker_image,
+            worker_gpu_image=env.get(ENV_WORKER_GPU_IMAGE) or cls.worker_gpu_image,
+            redis_image=env.get(ENV_REDIS_IMAGE) or cls.redis_image,
+            image_pull_policy=policy,
+            resync_seconds=resync,
+        )

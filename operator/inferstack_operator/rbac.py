@@ -1,0 +1,44 @@
+"""Exactly which API calls the operator makes: the source for the chart's ClusterRole.
+
+``RULES`` is in ClusterRole ``rules`` form. With ``--namespace`` (namespaced mode) the same
+rules work in a Role per namespace, except the cluster-scoped ones marked below
+(CustomResourceDefinitions, and Namespaces which kopf lists only in namespaced mode to
+resolve namespace patterns). The tests check every request the operator sends against this.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferstack_operator.config import GROUP, PLURAL
+
+RULES: list[dict[str, Any]] = [
+    # The custom resource: kopf watches it, patches its finalizer/annotations; we write status.
+    {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
+    # Children: read for drift, create when missing, server-side apply when drifted.
+    # list/watch on Deployments/StatefulSets: status changes flow into the owner's status.
+    {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets"],
+     "verbs": ["get", "list", "watch", "create", "patch"]},
+    {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["get", "create", "patch"]},
+    # pvc:// model locations must exist before the worker is created.
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
+    # kopf.info()/kopf.warn() and kopf's own handler events.
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # kopf scans and watches CRDs to notice the InferenceService CRD appear/disappear (cluster-scoped).
+    {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
+     "verbs": ["get", "list", "watch"]},
+    # kopf lists/watches namespaces only with --namespace patterns (cluster-scoped).
+    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+]
+
+# Rules that cannot go into a namespaced Role.
+CLUSTER_SCOPED_RESOURCES = frozenset({"customresourcedefinitions", "namespaces"})
+
+
+def allows(group: str, resource: str, verb: str, rules: list[dict[str, Any]] | None = None) -> bool:
+    """Whether ``rules`` allow ``verb`` on ``group``/``resource`` (resource may be "x/status")."""
+    for rule in RULES if rules is None else rules:
+        if group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]:
+            return True
+    return False

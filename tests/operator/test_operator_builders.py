@@ -1,0 +1,344 @@
+"""The pure builders: spec in, manifests out, each valid against the Kubernetes 1.31 schemas."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from tests.operator.conftest import EXAMPLES
+
+from inferstack_operator import builders
+from inferstack_operator.config import OperatorSettings, SettingsError
+
+K8S_VERSION = "1.31"
+SETTINGS = OperatorSettings()
+
+SPECS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "gpu-persistent": {"worker": {"gpu": 2, "replicas": 3, "nodeSelector": {"pool": "gpu"},
+                                  "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml",
+                                                   "effect": "NoExecute", "tolerationSeconds": 30}]},
+                       "redis": {"storage": "2Gi", "storageClassName": "fast"}},
+    "cpu-nodeport": {"model": {"name": "MobileNetV3Small"}, "worker": {"gpu": 0, "batchSize": 8},
+                     "service": {"type": "NodePort", "port": 8080}},
+    "loadbalancer": {"service": {"type": "LoadBalancer", "annotations": {"example.com/lb": "internal"}},
+                     "web": {"replicas": 0, "image": "registry.local/web:dev",
+                             "resources": {"requests": {"cpu": 0.5}, "limits": {"memory": "2Gi"}}}},
+    "custom-model": {"model": {"uri": "pvc://models/flowers/model.keras", "labels": "pvc://labels/flowers.txt",
+                               "weights": "none", "topK": 3}, "worker": {"gpu": 0}},
+    "image-paths": {"model": {"uri": "/opt/models/m.keras", "labels": "/opt/models/labels.txt"},
+                    "redis": {"resources": {"limits": {"memory": "1Gi"}}}},
+}
+
+
+def by_kind(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {f"{m['kind']}/{m['metadata']['name']}": m for m in manifests}
+
+
+def build(spec: dict[str, Any], name: str = "demo", settings: OperatorSettings = SETTINGS) -> dict[str, dict[str, Any]]:
+    return by_kind(builders.build_children(name, "ml", spec, settings))
+
+
+def container(manifest: dict[str, Any]) -> dict[str, Any]:
+    return manifest["spec"]["template"]["spec"]["containers"][0]
+
+
+def env(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(manifest)["env"]}
+
+
+@pytest.mark.parametrize("case", sorted(SPECS))
+def test_every_manifest_is_valid_kubernetes(case: str) -> None:
+    for manifest in builders.build_children("demo", "ml", SPECS[case], SETTINGS):
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("filename", ["resnet50-gpu.yaml", "cpu-small.yaml", "custom-model.yaml"])
+def test_examples_build_valid_children(filename: str) -> None:
+    body = yaml.safe_load((EXAMPLES / filename).read_text())
+    manifests = builders.build_children(body["metadata"]["name"], "ml", body["spec"], SETTINGS)
+    assert len(manifests) == 6
+    for manifest in manifests:
+        kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
+
+
+def test_defaults() -> None:
+    objs = build({})
+    assert sorted(objs) == ["ConfigMap/demo-config", "Deployment/demo-web", "Deployment/demo-worker",
+                            "Service/demo", "Service/demo-redis", "StatefulSet/demo-redis"]
+    for key, obj in objs.items():
+        labels = obj["metadata"]["labels"]
+        assert labels["app.kubernetes.io/name"] == "inferstack"
+        assert labels["app.kubernetes.io/instance"] == "demo"
+        assert labels["app.kubernetes.io/managed-by"] == "inferstack-operator"
+        assert obj["metadata"]["namespace"] == "ml"
+    assert objs["ConfigMap/demo-config"]["data"] == {
+        "INFERSTACK_REDIS_URL": "redis://demo-redis.ml.svc.cluster.local:6379/0",
+        "INFERSTACK_MAX_QUEUE": "1000",
+        "INFERSTACK_TOP_K": "5",
+    }
+    web = objs["Deployment/demo-web"]
+    assert web["spec"]["replicas"] == 2
+    assert web["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    c = container(web)
+    assert c["image"] == "ghcr.io/inferstack/web:0.1.0" and c["imagePullPolicy"] == "IfNotPresent"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["ports"][0]["containerPort"] == 8080
+    assert c["envFrom"] == [{"configMapRef": {"name": "demo-config"}}]
+    assert env(web) | {} == {"INFERSTACK_PORT": "8080", "INFERSTACK_REQUEST_TIMEOUT_S": "30",
+                             "INFERSTACK_MAX_IMAGE_BYTES": "10485760", "HOME": "/tmp"}
+
+    worker = objs["Deployment/demo-worker"]
+    assert worker["spec"]["replicas"] == 1
+    e = env(worker)
+    assert e["INFERSTACK_MODEL"] == "ResNet50" and e["INFERSTACK_WEIGHTS"] == "imagenet"
+    assert "INFERSTACK_LABELS" not in e
+    assert e["INFERSTACK_BATCH_SIZE"] == "32" and e["INFERSTACK_MAX_BATCH_DELAY_MS"] == "5"
+    assert e["INFERSTACK_WORKER_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert e["INFERSTACK_READY_FILE"] == "/tmp/inferstack-ready" and "KERAS_HOME" not in e
+    c = container(worker)
+    assert c["readinessProbe"]["exec"]["command"] == ["test", "-f", "/tmp/inferstack-ready"]
+    assert "stat -c %Y /tmp/inferstack-ready" in c["livenessProbe"]["exec"]["command"][2]
+    startup = c["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # model load on a cold node
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60
+
+    front = objs["Service/demo"]
+    assert front["spec"]["type"] == "ClusterIP"
+    assert front["spec"]["selector"] == {"app.kubernetes.io/name": "inferstack",
+                                         "app.kubernetes.io/instance": "demo",
+                                         "app.kubernetes.io/component": "web"}
+    assert front["spec"]["ports"] == [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]
+    assert objs["Service/demo-redis"]["spec"]["clusterIP"] == "None"
+
+
+def test_selectors_match_their_pod_templates_only() -> None:
+    objs = build({})
+    for key in ("Deployment/demo-web", "Deployment/demo-worker", "StatefulSet/demo-redis"):
+        selector = objs[key]["spec"]["selector"]["matchLabels"]
+        template_labels = objs[key]["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= template_labels.items()
+    web_pods = objs["Deployment/demo-web"]["spec"]["template"]["metadata"]["labels"]
+    worker_pods = objs["Deployment/demo-worker"]["spec"]["template"]["metadata"]["labels"]
+    front = objs["Service/demo"]["spec"]["selector"]
+    assert front.items() <= web_pods.items()
+    assert not front.items() <= worker_pods.items()
+
+
+def test_pod_security_everywhere() -> None:
+    for key, obj in build(SPECS["gpu-persistent"]).items():
+        if obj["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+    redis_pod = build({})["StatefulSet/demo-redis"]["spec"]["template"]["spec"]
+    assert redis_pod["securityContext"]["runAsUser"] == 999
+    web_pod = build({})["Deployment/demo-web"]["spec"]["template"]["spec"]
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}} in web_pod["volumes"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in web_pod["containers"][0]["volumeMounts"]
+
+
+def test_gpu_worker() -> None:
+    worker = build(SPECS["gpu-persistent"])["Deployment/demo-worker"]
+    pod = worker["spec"]["template"]["spec"]
+    c = container(worker)
+    assert c["image"] == "ghcr.io/inferstack/worker-gpu:0.1.0"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert pod["tolerations"][0] == {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    assert pod["tolerations"][1]["key"] == "dedicated"
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    # No surge: a rollout must not need a spare GPU.
+    assert worker["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 0}
+
+
+def test_cpu_worker() -> None:
+    worker = build(SPECS["cpu-nodeport"])["Deployment/demo-worker"]
+    c = container(worker)
+    assert c["image"] == "ghcr.io/inferstack/worker:0.1.0"
+    assert "nvidia.com/gpu" not in c["resources"].get("limits", {})
+    assert "tolerations" not in worker["spec"]["template"]["spec"]
+    assert env(worker)["INFERSTACK_MODEL"] == "MobileNetV3Small"
+    assert env(worker)["INFERSTACK_BATCH_SIZE"] == "8"
+    assert worker["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+
+
+def test_redis_without_persistence() -> None:
+    sts = build({})["StatefulSet/demo-redis"]
+    args = container(sts)["args"]
+    assert args[args.index("--appendonly") + 1] == "no"
+    assert args[args.index("--save") + 1] == ""
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    maxmemory = int(args[args.index("--maxmemory") + 1])
+    assert maxmemory == 1000 * 512 * 1024 + 64 * 1024 * 1024
+    assert builders.parse_quantity(container(sts)["resources"]["limits"]["memory"]) >= maxmemory
+    assert "volumeClaimTemplates" not in sts["spec"]
+    assert sts["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+    assert sts["spec"]["serviceName"] == "demo-redis"
+    probe = container(sts)["readinessProbe"]["exec"]["command"]
+    assert "redis-cli" in probe[-1] and "ping" in probe[-1]
+
+
+def test_redis_with_persistence() -> None:
+    sts = build(SPECS["gpu-persistent"])["StatefulSet/demo-redis"]
+    args = container(sts)["args"]
+    assert args[args.index("--appendonly") + 1] == "yes"
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    assert claim["metadata"]["name"] == "data"
+    assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
+    assert claim["spec"]["storageClassName"] == "fast"
+    assert "volumes" not in sts["spec"]["template"]["spec"]
+
+
+def test_redis_memory_from_limit() -> None:
+    r = builders.resolve("demo", SPECS["image-paths"])
+    assert builders.redis_memory(r) == (int(2**30 * 0.8), 2**30)
+    sts = build(SPECS["image-paths"])["StatefulSet/demo-redis"]
+    assert container(sts)["resources"]["limits"]["memory"] == "1Gi"
+
+
+@pytest.mark.parametrize("service_type, port", [("ClusterIP", 80), ("NodePort", 8080), ("LoadBalancer", 80)])
+def test_service_types(service_type: str, port: int) -> None:
+    svc = build({"service": {"type": service_type, "port": port}})["Service/demo"]
+    assert svc["spec"]["type"] == service_type
+    assert svc["spec"]["ports"][0]["port"] == port
+
+
+def test_service_annotations_and_web_overrides() -> None:
+    objs = build(SPECS["loadbalancer"])
+    assert objs["Service/demo"]["metadata"]["annotations"] == {"example.com/lb": "internal"}
+    web = objs["Deployment/demo-web"]
+    assert web["spec"]["replicas"] == 0
+    c = container(web)
+    assert c["image"] == "registry.local/web:dev"
+    assert c["resources"] == {"requests": {"cpu": 0.5, "memory": "256Mi"}, "limits": {"memory": "2Gi"}}
+
+
+def test_custom_model_on_claims() -> None:
+    worker = build(SPECS["custom-model"])["Deployment/demo-worker"]
+    e = env(worker)
+    assert e["INFERSTACK_MODEL"] == "/mnt/models/models/flowers/model.keras"
+    assert e["INFERSTACK_LABELS"] == "/mnt/models/labels/flowers.txt"
+    assert e["INFERSTACK_WEIGHTS"] == "none"
+    mounts = {m["mountPath"]: m for m in container(worker)["volumeMounts"]}
+    assert mounts["/mnt/models/models"]["readOnly"] is True
+    assert mounts["/mnt/models/labels"]["readOnly"] is True
+    claims = [v["persistentVolumeClaim"] for v in worker["spec"]["template"]["spec"]["volumes"]
+              if "persistentVolumeClaim" in v]
+    assert claims == [{"claimName": "models", "readOnly": True}, {"claimName": "labels", "readOnly": True}]
+    assert builders.resolve("demo", SPECS["custom-model"]).model_display == "flowers/model.keras"
+
+
+def test_custom_model_in_image() -> None:
+    worker = build(SPECS["image-paths"])["Deployment/demo-worker"]
+    assert env(worker)["INFERSTACK_MODEL"] == "/opt/models/m.keras"
+    assert env(worker)["INFERSTACK_LABELS"] == "/opt/models/labels.txt"
+    assert not any("persistentVolumeClaim" in v for v in worker["spec"]["template"]["spec"]["volumes"])
+
+
+def test_image_settings_from_env_and_spec_override() -> None:
+    settings = OperatorSettings.from_env({
+        "INFERSTACK_WEB_IMAGE": "r.local/web:1", "INFERSTACK_WORKER_IMAGE": "r.local/worker:1",
+        "INFERSTACK_WORKER_GPU_IMAGE": "r.local/worker-gpu:1", "INFERSTACK_REDIS_IMAGE": "r.local/redis:7",
+        "INFERSTACK_IMAGE_PULL_POLICY": "Always", "INFERSTACK_OPERATOR_RESYNC_SECONDS": "15",
+    })
+    assert settings.resync_seconds == 15
+    objs = build({}, settings=settings)
+    assert container(objs["Deployment/demo-web"])["image"] == "r.local/web:1"
+    assert container(objs["Deployment/demo-worker"])["image"] == "r.local/worker-gpu:1"
+    assert container(objs["StatefulSet/demo-redis"])["image"] == "r.local/redis:7"
+    assert container(objs["StatefulSet/demo-redis"])["imagePullPolicy"] == "Always"
+    assert container(build({"worker": {"gpu": 0}}, settings=settings)["Deployment/demo-worker"])["image"] \
+        == "r.local/worker:1"
+    assert container(build({"worker": {"image": "mine:2"}}, settings=settings)["Deployment/demo-worker"])["image"] \
+        == "mine:2"
+
+
+@pytest.mark.parametrize("env", [{"INFERSTACK_IMAGE_PULL_POLICY": "Sometimes"},
+                                 {"INFERSTACK_OPERATOR_RESYNC_SECONDS": "soon"},
+                                 {"INFERSTACK_OPERATOR_RESYNC_SECONDS": "0"}])
+def test_bad_settings(env: dict[str, str]) -> None:
+    with pytest.raises(SettingsError):
+        OperatorSettings.from_env(env)
+
+
+def test_config_change_rolls_both_tiers_but_worker_change_only_the_worker() -> None:
+    base = build({})
+    queue = build({"redis": {"maxQueue": 50}})
+    batch = build({"worker": {"batchSize": 64}})
+
+    def template(objs: dict[str, Any], key: str) -> Any:
+        return objs[key]["spec"]["template"]
+
+    assert template(queue, "Deployment/demo-web") != template(base, "Deployment/demo-web")
+    assert template(queue, "Deployment/demo-worker") != template(base, "Deployment/demo-worker")
+    assert template(batch, "Deployment/demo-web") == template(base, "Deployment/demo-web")
+    assert template(batch, "Deployment/demo-worker") != template(base, "Deployment/demo-worker")
+
+
+@pytest.mark.parametrize("name, spec, message", [
+    ("demo", {"model": {"uri": "pvc://models/m.keras"}}, "spec.model.labels is required"),
+    ("demo", {"model": {"uri": "s3://b/m.keras", "labels": "/l.txt"}}, "the s3:// scheme is not supported"),
+    ("demo", {"model": {"uri": "models/m.keras", "labels": "/l.txt"}}, "a relative path is not supported"),
+    ("demo", {"model": {"uri": "pvc://models", "labels": "/l.txt"}}, "must name a file on the claim"),
+    ("demo", {"model": {"uri": "pvc://Models/m", "labels": "/l.txt"}}, "not a valid PersistentVolumeClaim name"),
+    ("demo", {"model": {"uri": "/a/../etc/m", "labels": "/l.txt"}}, "must not contain '..'"),
+    ("demo", {"model": {"labels": "http://x/labels.txt"}}, "spec.model.labels"),
+    ("demo", {"model": {"weights": "gs://w.h5"}}, "spec.model.weights"),
+    ("demo", {"worker": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}, "set spec.worker.gpu instead"),
+    ("demo", {"worker": {"batchSize": 0}}, "spec.worker.batchSize must be between 1 and 1024"),
+    ("demo", {"worker": {"replicas": "3"}}, "spec.worker.replicas must be an integer"),
+    ("demo", {"web": {"resources": {"requests": {"cpu": "lots"}}}}, "is not a quantity"),
+    ("demo", {"service": {"type": "Ingress"}}, "spec.service.type must be"),
+    ("demo", {"redis": {"storage": "big"}}, "spec.redis.storage"),
+    ("a" * 41, {}, "at most 40 characters"),
+    ("9lives", {}, "starting with a letter"),
+])
+def test_spec_errors_say_what_to_fix(name: str, spec: dict[str, Any], message: str) -> None:
+    with pytest.raises(builders.SpecError, match=None) as info:
+        builders.build_children(name, "ml", spec, SETTINGS)
+    assert message in str(info.value)
+
+
+def test_quantities() -> None:
+    assert builders.parse_quantity("512Mi") == 512 * 2**20
+    assert builders.parse_quantity("1.5") == builders.parse_quantity("1500m")
+    assert builders.parse_quantity("2k") == 2000
+    assert builders.parse_quantity("1e3") == 1000
+    assert builders.parse_quantity(2) == 2
+    with pytest.raises(ValueError):
+        builders.parse_quantity("2 GB")
+
+
+def test_drift_ignores_server_defaults_and_canonical_quantities() -> None:
+    want = build(SPECS["loadbalancer"])["Deployment/demo-web"]
+    have = yaml.safe_load(yaml.safe_dump(want))
+    have["metadata"]["uid"] = "x"
+    have["status"] = {"readyReplicas": 1}
+    have["spec"]["progressDeadlineSeconds"] = 600
+    c = have["spec"]["template"]["spec"]["containers"][0]
+    c["terminationMessagePath"] = "/dev/termination-log"
+    c["resources"]["requests"]["cpu"] = "500m"  # the API server's form of 0.5
+    c["ports"][0]["hostPort"] = None
+    assert builders.drifted_paths(want, have) == []
+
+    c["env"] = c["env"][:-1]
+    have["spec"]["replicas"] = 5
+    assert builders.drifted_paths(want, have) == [".spec.replicas", ".spec.template.spec.containers[0].env"]
+
+
+def test_immutable_drift_for_redis_storage() -> None:
+    without = build({})["StatefulSet/demo-redis"]
+    with_storage = build({"redis": {"storage": "1Gi"}})["StatefulSet/demo-redis"]
+    assert builders.immutable_drift(with_storage, without) == ["spec.volumeClaimTemplates"]
+    assert builders.immutable_drift(without, without) == []
+    bigger = build({"redis": {"storage": "5Gi"}})["StatefulSet/demo-redis"]
+    assert builders.immutable_drift(bigger, with_storage) == ["spec.volumeClaimTemplates"]
