@@ -18,7 +18,6 @@ import io
 import json
 import os
 import platform
-import statistics
 import sys
 import threading
 import time
@@ -53,32 +52,34 @@ def multipart(data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def measure_raw(model: str, weights: str, batch_size: int, seconds: float) -> dict[str, float]:
-    """The worker's compiled call, without Redis or HTTP, on the same preprocessed photo."""
+def load_raw(model: str, weights: str, batch_size: int):
+    """The worker's own classifier (same compiled call), in this process."""
     from inferstack_worker.model import load_classifier
 
     clf = load_classifier(Settings(model=model, weights=weights, batch_size=batch_size))
     clf.warm_up(batch_size)
     x = clf.prepare(decode_image(photo_jpeg(), clf.input_shape[:2]))
-    one = x[None]
-    batch = np.stack([x] * batch_size)
+    return clf, x
+
+
+def raw_latencies(clf, x: np.ndarray, seconds: float) -> list[float]:
     lat = []
-    end = time.perf_counter() + seconds / 2
+    end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(lat) < 10:
         t0 = time.perf_counter()
-        clf.predict(one)
-        lat.append(time.perf_counter() - t0)
+        clf.predict(x[None])
+        lat.append((time.perf_counter() - t0) * 1000)
+    return lat
+
+
+def raw_throughput(clf, x: np.ndarray, batch_size: int, seconds: float) -> float:
+    batch = np.stack([x] * batch_size)
     n = 0
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds / 2 or n < 3:
+    while time.perf_counter() - t0 < seconds or n < 3:
         clf.predict(batch)
         n += 1
-    elapsed = time.perf_counter() - t0
-    return {
-        "batch1_latency_ms": statistics.median(lat) * 1000,
-        "throughput_img_s": n * batch_size / elapsed,
-        "batch_size": batch_size,
-    }
+    return n * batch_size / (time.perf_counter() - t0)
 
 
 def load(url: str, clients: int, seconds: float, body: bytes, ctype: str) -> dict[str, float]:
@@ -127,6 +128,7 @@ def load(url: str, clients: int, seconds: float, body: bytes, ctype: str) -> dic
     elapsed = time.perf_counter() - t0
     lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
     return {
+        "latencies_ms": list(lat),
         "clients": clients,
         "requests": len(latencies),
         "failures": failures,
@@ -138,21 +140,41 @@ def load(url: str, clients: int, seconds: float, body: bytes, ctype: str) -> dic
     }
 
 
+def show(res: dict) -> dict:
+    print(f"  {res['clients']:3d} clients: {res['throughput_img_s']:6.1f} img/s  p50 {res['p50_ms']:7.1f} ms  "
+          f"p95 {res['p95_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms  failures {res['failures']}", flush=True)
+    res.pop("latencies_ms", None)
+    return res
+
+
 def served_run(env: dict[str, str], levels: list[int], seconds: float, body: bytes, ctype: str,
-               warm_requests: int = 8) -> list[dict[str, float]]:
+               raw: tuple | None = None) -> tuple[list[dict], list[float]]:
+    """Sweep client counts on a fresh stack. With raw=(clf, x), 1-client latency is measured in
+    rounds alternating with the raw batch-1 call, so machine drift hits both alike."""
+    raw_lat: list[float] = []
     with LocalStack(env=env) as stack:
         stack.start(workers=1)
-        load(stack.url, 2, 0.1, body, ctype)  # first requests pay one-off costs
-        for _ in range(warm_requests):
-            load(stack.url, 1, 0.01, body, ctype)
+        load(stack.url, 2, 1.0, body, ctype)  # first requests pay one-off costs
         out = []
         for clients in levels:
-            res = load(stack.url, clients, seconds, body, ctype)
-            print(f"  {clients:3d} clients: {res['throughput_img_s']:6.1f} img/s  p50 {res['p50_ms']:7.1f} ms  "
-                  f"p95 {res['p95_ms']:7.1f} ms  p99 {res['p99_ms']:7.1f} ms  failures {res['failures']}",
-                  flush=True)
-            out.append(res)
-        return out
+            if clients == 1 and raw is not None:
+                served_lat: list[float] = []
+                requests_done = 0
+                t_served = 0.0
+                for _ in range(3):
+                    raw_lat += raw_latencies(raw[0], raw[1], seconds / 3)
+                    res = load(stack.url, 1, seconds / 3, body, ctype)
+                    served_lat += res["latencies_ms"]
+                    requests_done += res["requests"]
+                    t_served += seconds / 3
+                lat = np.array(served_lat)
+                res.update(requests=requests_done, throughput_img_s=requests_done / t_served,
+                           p50_ms=float(np.percentile(lat, 50)), p95_ms=float(np.percentile(lat, 95)),
+                           p99_ms=float(np.percentile(lat, 99)))
+            else:
+                res = load(stack.url, clients, seconds, body, ctype)
+            out.append(show(res))
+    return out, raw_lat
 
 
 def plot(result: dict, path: Path) -> None:
@@ -201,15 +223,27 @@ def main() -> int:
     delays = [float(d) for d in args.delays.split(",") if d.strip()]
     body, ctype = multipart(photo_jpeg())
 
-    print(f"raw: {args.model} in process, compiled call", flush=True)
-    raw = measure_raw(args.model, args.weights, args.batch_size, max(args.duration, 6))
-    print(f"  batch {args.batch_size}: {raw['throughput_img_s']:.1f} img/s; batch 1: "
-          f"{raw['batch1_latency_ms']:.1f} ms", flush=True)
+    print(f"raw: {args.model} in process, the worker's compiled call", flush=True)
+    clf, x = load_raw(args.model, args.weights, args.batch_size)
+    tp_before = raw_throughput(clf, x, args.batch_size, args.duration)
+    print(f"  batch {args.batch_size}: {tp_before:.1f} img/s", flush=True)
 
     env = {"INFERSTACK_MODEL": args.model, "INFERSTACK_WEIGHTS": args.weights,
            "INFERSTACK_BATCH_SIZE": str(args.batch_size)}
-    print("served: local stack, 1 worker, gunicorn 2x32 threads", flush=True)
-    served = served_run(env, levels, args.duration, body, ctype)
+    print("served: local stack, 1 worker, gunicorn 2x32 threads (1 client alternates with raw batch 1)", flush=True)
+    served, raw_lat = served_run(env, levels, args.duration, body, ctype, raw=(clf, x))
+    tp_after = raw_throughput(clf, x, args.batch_size, args.duration)
+    print(f"raw again: batch {args.batch_size}: {tp_after:.1f} img/s", flush=True)
+    if not raw_lat:
+        raw_lat = raw_latencies(clf, x, args.duration / 2)
+    raw = {
+        "batch_size": args.batch_size,
+        # Before and after the sweep, averaged: the machine's speed drifts over minutes.
+        "throughput_img_s": (tp_before + tp_after) / 2,
+        "throughput_before_after_img_s": [tp_before, tp_after],
+        "batch1_latency_ms": float(np.median(raw_lat)),
+    }
+    del clf
 
     delay_sweep = []
     if delays:
@@ -217,7 +251,7 @@ def main() -> int:
         for d in delays:
             print(f" delay {d:g} ms", flush=True)
             res = served_run({**env, "INFERSTACK_MAX_BATCH_DELAY_MS": str(d)}, [8], args.duration, body, ctype)[0]
-            delay_sweep.append({"max_batch_delay_ms": d, **res})
+            delay_sweep.append({"max_batch_delay_ms": d, **res[0]})
 
     by_clients = {r["clients"]: r for r in served}
     saturation = max(served, key=lambda r: r["throughput_img_s"])

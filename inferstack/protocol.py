@@ -176,6 +176,7 @@ class WorkerQueue:
         self._now = self.redis.register_script(_NOW_MS)
         self._own_backlog_checked = False
         self._arrivals: redis.client.PubSub | None = None
+        self._last_batch = 0
 
     def ensure_group(self) -> None:
         try:
@@ -229,8 +230,17 @@ class WorkerQueue:
             own = self._read(batch_size, None, start="0")
             if own:
                 return own
-        batch = self._read(batch_size, self.block_ms)
+        batch = self._read(batch_size, None)
+        backlog = bool(batch)
+        if not batch:
+            batch = self._read(batch_size, self.block_ms)
+        previous, self._last_batch = self._last_batch, len(batch)
         if not batch or max_delay_ms <= 0 or len(batch) >= batch_size:
+            return batch
+        if not backlog and previous <= 1:
+            # An idle worker woken by a lone request after a lone request: no sign of concurrent
+            # traffic, so waiting would only add latency. Under load the queue is never empty
+            # when we come back for more, and the window applies.
             return batch
         end = time.monotonic() + max_delay_ms / 1000
         arrivals = self._subscribe()
@@ -243,6 +253,7 @@ class WorkerQueue:
                 break
             if arrivals.get_message(timeout=left) is not None:
                 batch += self._read(batch_size - len(batch), None)
+        self._last_batch = len(batch)
         return batch
 
     def _subscribe(self) -> redis.client.PubSub:

@@ -78,7 +78,10 @@ class Worker:
                         if batch:
                             log.warning("reclaimed %d request(s) from dead worker(s)", len(batch))
                     if not batch:
+                        t_take = time.perf_counter()
                         batch = self.queue.take_batch(self.settings.batch_size, self.settings.max_batch_delay_ms)
+                        if batch and log.isEnabledFor(logging.DEBUG):
+                            log.debug("took %d after %.1f ms", len(batch), (time.perf_counter() - t_take) * 1000)
                     if batch:
                         self.process(batch)
                     backoff = 0.2
