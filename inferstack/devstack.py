@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -194,27 +195,45 @@ def _imagenet_weights_available() -> bool:
         return False
 
 
+def weights_fallback_env(prog: str = "inferstack") -> dict[str, str]:
+    """ResNet50 with ImageNet weights that cannot be had here: say so loudly and use random ones.
+
+    Only for the local tooling (`make run`, `make loadtest`); the worker itself never falls back.
+    """
+    if "INFERSTACK_WEIGHTS" in os.environ or os.environ.get("INFERSTACK_MODEL", "ResNet50") != "ResNet50":
+        return {}
+    if _imagenet_weights_available():
+        return {}
+    print(
+        f"{prog}: ImageNet weights are not cached and cannot be downloaded here; serving ResNet50 with "
+        "RANDOM weights (INFERSTACK_WEIGHTS=none): same speed, meaningless labels. Put the weights file in "
+        "~/.keras/models or set INFERSTACK_WEIGHTS=/path/to/weights.h5.",
+        file=sys.stderr,
+    )
+    return {"INFERSTACK_WEIGHTS": "none"}
+
+
+class _Stop(Exception):
+    """Ctrl-C or SIGTERM reached `make run`."""
+
+
+def _announce_ready(stack: LocalStack, workers: int) -> None:
+    try:
+        stack.wait_ready(timeout_s=3600, workers=workers)
+    except RuntimeError:
+        return  # a process died; main() reports it
+    print(f"inferstack: ready. Try: curl -X POST -F image=@cat.jpg {stack.url}/predict", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run redis-server, workers and the web API locally.")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
     args = parser.parse_args()
-    env: dict[str, str] = {}
-    model = os.environ.get("INFERSTACK_MODEL", "ResNet50")
-    if "INFERSTACK_WEIGHTS" not in os.environ and model == "ResNet50" and not _imagenet_weights_available():
-        print(
-            "inferstack: ImageNet weights are not cached and cannot be downloaded here; serving ResNet50 with "
-            "RANDOM weights (INFERSTACK_WEIGHTS=none): predictions are meaningless. Put the weights file in "
-            "~/.keras/models or set INFERSTACK_WEIGHTS=/path/to/weights.h5.",
-            file=sys.stderr,
-        )
-        env["INFERSTACK_WEIGHTS"] = "none"
     stack = LocalStack(port=int(os.environ.get("INFERSTACK_PORT", "5000")), redis_port=int(
-        os.environ.get("REDIS_PORT", "6379")), env=env, quiet=False)
-    stopping = False
+        os.environ.get("REDIS_PORT", "6379")), env=weights_fallback_env(), quiet=False)
 
     def stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        raise _Stop
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
@@ -222,22 +241,16 @@ def main() -> None:
         stack.start(workers=args.workers, wait=False)
         print(f"inferstack: starting {args.workers} worker(s); API on {stack.url}/predict (Ctrl-C stops)",
               file=sys.stderr)
-        ready = False
-        while not stopping:
-            for proc in [stack.redis, stack.web, *stack.workers]:
-                if proc is not None and proc.poll() is not None:
-                    print(f"inferstack: {proc.args[0]} exited with {proc.returncode}; stopping", file=sys.stderr)
-                    stopping = True
-            if not ready and not stopping:
-                try:
-                    urllib.request.urlopen(stack.url + "/readyz", timeout=1)
-                    ready = True
-                    print(f"inferstack: ready. Try: curl -X POST -F image=@cat.jpg {stack.url}/predict",
-                          file=sys.stderr)
-                except OSError:
-                    pass
-            time.sleep(0.5)
+        threading.Thread(target=_announce_ready, args=(stack, args.workers), daemon=True).start()
+        # Block until any of our processes exits (or a signal arrives): then stop the rest.
+        pid, status = os.wait()
+        print(f"inferstack: process {pid} exited with status {os.waitstatus_to_exitcode(status)}; stopping",
+              file=sys.stderr)
+    except _Stop:
+        pass
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
         print("inferstack: stopped", file=sys.stderr)
 

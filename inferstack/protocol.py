@@ -159,9 +159,6 @@ class WebQueue:
         raw = self.fast.get(self.keys.model)
         return json.loads(raw) if raw else None
 
-    def ping(self) -> bool:
-        return bool(self.fast.ping())
-
 
 class WorkerQueue:
     """What a worker does: heartbeat, take batches, reclaim a dead worker's requests, reply."""

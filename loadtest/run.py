@@ -34,14 +34,9 @@ def main() -> int:
     if host:
         return subprocess.call(locust_argv(host, users, rate, duration, out, extra))
 
-    from inferstack.devstack import LocalStack, _imagenet_weights_available
+    from inferstack.devstack import LocalStack, weights_fallback_env
 
-    env = {}
-    if os.environ.get("INFERSTACK_MODEL", "ResNet50") == "ResNet50" and "INFERSTACK_WEIGHTS" not in os.environ \
-            and not _imagenet_weights_available():
-        print("loadtest: ImageNet weights unavailable offline; ResNet50 runs with random weights "
-              "(same speed, meaningless labels)", file=sys.stderr)
-        env["INFERSTACK_WEIGHTS"] = "none"
+    env = weights_fallback_env("loadtest")
     with LocalStack(env=env, log_dir=str(out / "stack-logs")) as stack:
         stack.start(workers=int(os.environ.get("WORKERS", "1")))
         print(f"loadtest: local stack ready at {stack.url}; {users} users for {duration}", file=sys.stderr)

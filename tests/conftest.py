@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from inferstack.devstack import LocalStack
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The operator's timer interval is fixed when its handlers module is imported, and the chart
 # tests import it before tests/operator/ is collected: set the fast test interval here.
@@ -85,10 +87,8 @@ def photos() -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., "LocalStack"]]:
+def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., LocalStack]]:
     """Start a LocalStack (real redis-server, workers, gunicorn); stopped at module end."""
-    from inferstack.devstack import LocalStack
-
     stacks: list[LocalStack] = []
 
     def make(workers: int = 1, env: dict[str, str] | None = None, wait: bool = True) -> LocalStack:
@@ -114,11 +114,9 @@ def digits_env(model: dict[str, object], **extra: str) -> dict[str, str]:
     return env
 
 
-def stack_log(stack: "LocalStack") -> str:
+def stack_log(stack: LocalStack) -> str:
     out = []
     for f in sorted(Path(stack.log_dir).glob("*.log")):
         out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}")
     return "\n".join(out)
 
-
-from inferstack.devstack import LocalStack  # noqa: E402  (for type hints above)

@@ -433,16 +433,22 @@ def build_web_deployment(name: str, namespace: str, r: Resolved, settings: Opera
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
     }
+    return _deployment(web_name(name), name, namespace, "web", r, r.web_replicas,
+                       {"maxUnavailable": 0, "maxSurge": 1}, pod_spec)
+
+
+def _deployment(child: str, name: str, namespace: str, component: str, r: Resolved, replicas: int,
+                rolling: dict[str, int], pod_spec: Manifest) -> Manifest:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _object_meta(web_name(name), name, namespace, "web"),
+        "metadata": _object_meta(child, name, namespace, component),
         "spec": {
-            "replicas": r.web_replicas,
+            "replicas": replicas,
             "revisionHistoryLimit": 5,
-            "selector": {"matchLabels": selector_labels(name, "web")},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": _pod_template(name, namespace, "web", r, pod_spec),
+            "selector": {"matchLabels": selector_labels(name, component)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling},
+            "template": _pod_template(name, namespace, component, r, pod_spec),
         },
     }
 
@@ -534,18 +540,7 @@ def build_worker_deployment(name: str, namespace: str, r: Resolved, settings: Op
         pod_spec["tolerations"] = tolerations
     # A GPU rollout cannot surge without a spare GPU: replace in place instead.
     rolling = {"maxUnavailable": 1, "maxSurge": 0} if gpu else {"maxUnavailable": 0, "maxSurge": 1}
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": _object_meta(worker_name(name), name, namespace, "worker"),
-        "spec": {
-            "replicas": r.worker_replicas,
-            "revisionHistoryLimit": 5,
-            "selector": {"matchLabels": selector_labels(name, "worker")},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling},
-            "template": _pod_template(name, namespace, "worker", r, pod_spec),
-        },
-    }
+    return _deployment(worker_name(name), name, namespace, "worker", r, r.worker_replicas, rolling, pod_spec)
 
 
 def redis_memory(r: Resolved) -> tuple[int, int]:

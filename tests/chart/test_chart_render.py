@@ -193,7 +193,7 @@ def test_notes_for_namespaced_and_sample(rendered: dict) -> None:
     assert "kubectl apply -n team-a" in notes
     notes = rendered["sample"]["notes"]
     assert "kubectl apply" not in notes
-    assert f"inferenceservice/resnet --for=condition=Ready" in notes
+    assert "inferenceservice/resnet --for=condition=Ready" in notes
     assert f"kubectl port-forward -n {NAMESPACE} svc/resnet 8080:8000" in notes
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -161,8 +162,6 @@ def test_bad_input_gets_json_error_and_service_stays_healthy(stack, digits_model
     assert r.headers["Content-Type"].startswith("application/json")
     body = r.json()
     assert body["success"] is False
-    import re
-
     assert re.search(words, body["error"]), body["error"]
     assert "Traceback" not in r.text
     ok = post(stack, png_bytes(digits_model["x_test"][2]))

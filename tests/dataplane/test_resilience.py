@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -53,7 +54,7 @@ def test_worker_sigkilled_mid_batch_loses_no_request(make_stack, photos):
     r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
     keys = Keys("inferstack")
     victim = stack.workers[0]
-    victim_name = f"local-worker-1-{__import__('os').getpid()}"
+    victim_name = f"local-worker-1-{os.getpid()}"
     uploads = [photos[name] for name in sorted(photos)] * 16  # 64 requests
 
     killed = threading.Event()
@@ -174,7 +175,7 @@ def test_sigterm_finishes_the_batch_then_exits(make_stack, photos):
     )
     r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
     victim = stack.workers[0]
-    victim_name = f"local-worker-1-{__import__('os').getpid()}"
+    victim_name = f"local-worker-1-{os.getpid()}"
     stopped = threading.Event()
     t = signal_when_busy(r, victim, victim_name, signal.SIGTERM, stopped)
     uploads = [photos[name] for name in sorted(photos)] * 8

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime
-import os
 import pathlib
 import threading
 import time
@@ -19,8 +18,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-# The timer interval is read when the handlers module is imported: make it short for tests.
-os.environ["INFERSTACK_OPERATOR_RESYNC_SECONDS"] = "1"
+# The 1 s test timer interval is set in tests/conftest.py, before anything imports the handlers.
 
 from kmock._internal import dicts as kmock_dicts  # noqa: E402  (merge-patch semantics kmock uses)
 
