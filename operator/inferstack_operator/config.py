@@ -11,12 +11,14 @@ operator Deployment). Every one is optional:
 | ``INFERSTACK_REDIS_IMAGE`` | ``redis:7.2.5-alpine`` | Redis image |
 | ``INFERSTACK_IMAGE_PULL_POLICY`` | ``IfNotPresent`` | ``Always``, ``IfNotPresent`` or ``Never`` for every container |
 | ``INFERSTACK_OPERATOR_RESYNC_SECONDS`` | ``60`` | period of the timer that repairs children and refreshes status |
+| ``INFERSTACK_CLUSTER_DOMAIN`` | ``cluster.local`` | the cluster's DNS domain, for the Redis URL the pods get and ``status.url`` |
 | ``INFERSTACK_OPERATOR_NAMESPACE`` | (empty) | ``inferstack-operator`` without ``--namespace``/``--all-namespaces``: watch this namespace (comma-separated for several); empty means all namespaces |
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -48,6 +50,7 @@ ENV_REDIS_IMAGE = "INFERSTACK_REDIS_IMAGE"
 ENV_IMAGE_PULL_POLICY = "INFERSTACK_IMAGE_PULL_POLICY"
 ENV_RESYNC_SECONDS = "INFERSTACK_OPERATOR_RESYNC_SECONDS"
 ENV_WATCH_NAMESPACE = "INFERSTACK_OPERATOR_NAMESPACE"
+ENV_CLUSTER_DOMAIN = "INFERSTACK_CLUSTER_DOMAIN"
 
 # All the settings the operator reads, for the chart engineer.
 OPERATOR_ENV = (
@@ -58,9 +61,23 @@ OPERATOR_ENV = (
     ENV_IMAGE_PULL_POLICY,
     ENV_RESYNC_SECONDS,
     ENV_WATCH_NAMESPACE,
+    ENV_CLUSTER_DOMAIN,
 )
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+# kind -> (API group, version, plural) of everything the operator reads or writes; the client
+# builds its URLs from this, the emulator tests and RBAC rules check against it.
+RESOURCES: dict[str, tuple[str, str, str]] = {
+    "ConfigMap": ("", "v1", "configmaps"),
+    "Service": ("", "v1", "services"),
+    "PersistentVolumeClaim": ("", "v1", "persistentvolumeclaims"),
+    "Pod": ("", "v1", "pods"),
+    "Deployment": ("apps", "v1", "deployments"),
+    "StatefulSet": ("apps", "v1", "statefulsets"),
+    KIND: (GROUP, VERSION, PLURAL),
+}
 
 
 class SettingsError(ValueError):
@@ -75,6 +92,7 @@ class OperatorSettings:
     redis_image: str = "redis:7.2.5-alpine"
     image_pull_policy: str = "IfNotPresent"
     resync_seconds: float = 60.0
+    cluster_domain: str = "cluster.local"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -89,6 +107,9 @@ class OperatorSettings:
             raise SettingsError(f"{ENV_RESYNC_SECONDS} must be a number of seconds, got {raw_resync!r}") from None
         if resync <= 0:
             raise SettingsError(f"{ENV_RESYNC_SECONDS} must be > 0, got {raw_resync!r}")
+        domain = (env.get(ENV_CLUSTER_DOMAIN) or cls.cluster_domain).strip().rstrip(".").lower()
+        if not DOMAIN.match(domain):
+            raise SettingsError(f"{ENV_CLUSTER_DOMAIN} must be a DNS domain such as cluster.local, got {domain!r}")
         return cls(
             web_image=env.get(ENV_WEB_IMAGE) or cls.web_image,
             worker_image=env.get(ENV_WORKER_IMAGE) or cls.worker_image,
@@ -96,4 +117,5 @@ class OperatorSettings:
             redis_image=env.get(ENV_REDIS_IMAGE) or cls.redis_image,
             image_pull_policy=policy,
             resync_seconds=resync,
+            cluster_domain=domain,
         )

@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from inferstack_operator import builders, reconcile, status
+from inferstack_operator import builders, reasons, reconcile, status
 from inferstack_operator.config import (
     GROUP,
     KIND,
@@ -24,18 +24,12 @@ from inferstack_operator.config import (
     OperatorSettings,
 )
 from inferstack_operator.kube import ApiError, KubeClient
+from inferstack_operator.reasons import ReconcileError
 
 logger = logging.getLogger("inferstack_operator")
 
 # Read at import: the timer interval is fixed when the decorator registers it.
 SETTINGS = OperatorSettings.from_env()
-
-# Ready=False reasons that only a reconcile (not a child's status change) may clear.
-PROBLEM_REASONS = frozenset({
-    "InvalidSpec", "WaitingForVolume", "ChildConflict", "ChildTerminating", "Conflict",
-    "ImmutableFieldChanged", "ApplyFailed", "ApiError",
-})
-
 
 def _kube(memo: Any) -> KubeClient:
     kube: KubeClient = memo.kube
@@ -118,60 +112,36 @@ async def _reconcile(body: kopf.Body, memo: kopf.Memo, log: kopf.Logger, *, from
     generation = body.metadata.get("generation")
     previous_ready = _ready_condition(current)
 
-    def fail(reason: str, message: str) -> None:
+    def warn(reason: str, message: str) -> None:
         # The timer re-checks every interval: post an Event only when the problem is new.
-        if previous_ready.get("reason") != reason or previous_ready.get("message") != message:
+        if previous_ready.get("reason") != reason or previous_ready.get("message", "").split(" (note: ")[0] != message:
             kopf.warn(body, reason=reason, message=message)
 
     async with _lock(memo, body.metadata.uid):
         try:
             outcome = await reconcile.reconcile(body, kube, SETTINGS)
-        except builders.SpecError as e:
-            fail("InvalidSpec", str(e))
-            await _write_status(kube, body, current, status.invalid_status(current, str(e), generation))
-            if from_timer:
-                return
-            raise kopf.PermanentError(f"invalid spec: {e}") from e
-        except reconcile.NotYet as e:
+        except ReconcileError as e:
+            if e.permanent:
+                warn(e.reason, e.message)
             await _write_status(kube, body, current,
-                                status.invalid_status(current, e.message, generation, reason=e.reason))
+                                status.compute_status(generation, None, previous=current, problem=(e.reason, e.message)))
             if from_timer:
                 return
+            if e.permanent:
+                raise kopf.PermanentError(e.message) from e
             raise kopf.TemporaryError(e.message, delay=e.delay) from e
-        except reconcile.Blocked as e:
-            fail(e.reason, e.message)
-            await _write_status(kube, body, current,
-                                status.invalid_status(current, e.message, generation, reason=e.reason))
-            if from_timer:
-                return
-            raise kopf.PermanentError(e.message) from e
-        except ApiError as e:
-            # 400/422: the API server refused a child built from this spec (e.g. a bad
-            # toleration); retrying will not help until the spec changes.
-            permanent = e.status in (400, 422)
-            reason = "ApplyFailed" if permanent else "ApiError"
-            message = f"the API server refused a child object: {e.message}" if permanent else str(e)
-            fail(reason, message)
-            await _write_status(kube, body, current,
-                                status.invalid_status(current, message, generation, reason=reason))
-            if from_timer:
-                return
-            if permanent:
-                raise kopf.PermanentError(message) from e
-            raise kopf.TemporaryError(message, delay=30 if e.status == 403 else 10) from e
 
         for what in outcome.created:
-            kopf.info(body, reason="Repaired" if from_timer else "Created", message=f"Created {what}")
+            kopf.info(body, reason=reasons.REPAIRED if from_timer else reasons.CREATED, message=f"Created {what}")
         for what in outcome.updated:
-            kopf.info(body, reason="Repaired" if from_timer else "Updated",
+            kopf.info(body, reason=reasons.REPAIRED if from_timer else reasons.UPDATED,
                       message=f"Re-applied {what} (it differed from the spec)" if from_timer else f"Updated {what}")
         if outcome.problem:
-            fail(*outcome.problem)
-        name, namespace = body.metadata.name, body.metadata.namespace
-        assert name is not None and namespace is not None
-        new = status.compute_status(name, namespace, generation, outcome.resolved, outcome.children,
-                                    current, problem=outcome.problem)
-        new["observedGeneration"] = generation
+            warn(*outcome.problem)
+        if outcome.notes and not from_timer:
+            kopf.warn(body, reason=reasons.IGNORED_SETTINGS, message="; ".join(outcome.notes))
+        new = status.compute_status(generation, outcome.resolved, outcome.observed.children, current,
+                                    pods=outcome.observed.pods, problem=outcome.problem, notes=outcome.notes)
         await _write_status(kube, body, current, new)
         if outcome.created or outcome.updated:
             log.info("created %s; updated %s", outcome.created or "nothing", outcome.updated or "nothing")
@@ -215,14 +185,19 @@ async def child_changed(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, *
         if parent is None or meta.get("uid") != owner.get("uid") or meta.get("deletionTimestamp"):
             return
         try:
-            resolved = builders.resolve(owner["name"], parent.get("spec"))
-        except builders.SpecError:
+            resolved = reconcile.resolve_body(parent, SETTINGS)
+            observed = await reconcile.observe(kube, resolved)
+        except ReconcileError:
             return  # the reconcile handler has already said why in the status
+        except ApiError:
+            return  # the timer refreshes status later
         current = parent.get("status") or {}
         ready = _ready_condition(current)
-        problem = (ready["reason"], ready.get("message", "")) if ready.get("reason") in PROBLEM_REASONS else None
-        children = await reconcile.read_children(kube, owner["name"], namespace)
-        new = status.compute_status(owner["name"], namespace, meta.get("generation"), resolved, children,
-                                    current, problem=problem)
+        problem = (ready["reason"], ready.get("message", "")) if ready.get("reason") in reasons.PROBLEM_REASONS \
+            else None
+        # The generation last reconciled: a child event must not claim a newer spec was acted on.
+        new = status.compute_status(current.get("observedGeneration"), resolved, observed.children, current,
+                                    pods=observed.pods, problem=problem,
+                                    notes=() if problem else builders.ignored_settings(resolved, SETTINGS))
         if status.status_changed(current, new):
             await kube.patch_status(KIND, namespace, owner["name"], new)

@@ -2,7 +2,8 @@
 
 kopf has no public client for arbitrary objects; the official client is synchronous and its
 generated API changes between releases. Plain JSON over aiohttp (already a kopf dependency)
-does the handful of calls we need: get, create, server-side apply, merge-patch status.
+does the handful of calls we need: get, list, server-side apply (which also creates, so one
+field manager owns every field we set, and a field we stop sending is removed), merge-patch status.
 """
 
 from __future__ import annotations
@@ -17,18 +18,7 @@ from typing import Any
 import aiohttp
 import kopf
 
-from inferstack_operator.config import FIELD_MANAGER
-
-
-# kind -> (api prefix, plural) for everything the operator reads or writes.
-RESOURCES: dict[str, tuple[str, str]] = {
-    "ConfigMap": ("/api/v1", "configmaps"),
-    "Service": ("/api/v1", "services"),
-    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims"),
-    "Deployment": ("/apis/apps/v1", "deployments"),
-    "StatefulSet": ("/apis/apps/v1", "statefulsets"),
-    "InferenceService": ("/apis/inferstack.dev/v1alpha1", "inferenceservices"),
-}
+from inferstack_operator.config import FIELD_MANAGER, RESOURCES
 
 
 class ApiError(Exception):
@@ -38,9 +28,13 @@ class ApiError(Exception):
         self.message = message
 
 
+def api_prefix(group: str, version: str) -> str:
+    return f"/apis/{group}/{version}" if group else f"/api/{version}"
+
+
 def object_path(kind: str, namespace: str, name: str | None = None, subresource: str | None = None) -> str:
-    prefix, plural = RESOURCES[kind]
-    path = f"{prefix}/namespaces/{namespace}/{plural}"
+    group, version, plural = RESOURCES[kind]
+    path = f"{api_prefix(group, version)}/namespaces/{namespace}/{plural}"
     if name:
         path += f"/{name}"
     if subresource:
@@ -151,16 +145,18 @@ class KubeClient:
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return await self.request("GET", object_path(kind, namespace, name))
 
-    async def create(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        meta = manifest["metadata"]
-        result = await self.request("POST", object_path(manifest["kind"], meta["namespace"]), body=manifest,
-                                    params={"fieldManager": FIELD_MANAGER})
-        if result is None:
-            raise ApiError(404, f"namespace {meta['namespace']!r} not found")
-        return result
+    async def list(self, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+        result = await self.request("GET", object_path(kind, namespace), params={"labelSelector": label_selector})
+        return list((result or {}).get("items") or [])
+
+    async def served(self, api_version: str) -> bool:
+        """Whether the cluster serves ``group/version`` (e.g. a CRD's API is installed)."""
+        group, _, version = api_version.rpartition("/")
+        return await self.request("GET", api_prefix(group, version)) is not None
 
     async def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
-        """Server-side apply: we own exactly the fields we send; fields we stop sending go away."""
+        """Server-side apply (creates when missing): we own exactly the fields we send; fields we
+        stop sending go away."""
         meta = manifest["metadata"]
         result = await self.request(
             "PATCH", object_path(manifest["kind"], meta["namespace"], meta["name"]),

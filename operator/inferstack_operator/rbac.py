@@ -16,13 +16,15 @@ RULES: list[dict[str, Any]] = [
     # The custom resource: kopf watches it, patches its finalizer/annotations; we write status.
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
-    # Children: read for drift, create when missing, server-side apply when drifted.
+    # Children: read for drift, server-side apply to create (needs create too) or update.
     # list/watch on Deployments/StatefulSets: status changes flow into the owner's status.
     {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets"],
      "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["get", "create", "patch"]},
     # pvc:// model locations must exist before the worker is created.
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
+    # Why pods of a workload are not ready (Unschedulable, image pulls, crash loops), for status.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
     # kopf.info()/kopf.warn() and kopf's own handler events.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
     # kopf scans and watches CRDs to notice the InferenceService CRD appear/disappear (cluster-scoped).

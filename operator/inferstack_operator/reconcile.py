@@ -2,7 +2,7 @@
 
 Used by the create/update/resume handlers and by the timer, so it is idempotent: a child
 that is missing is created, one that drifted (in the fields we set) is re-applied, one that
-matches is left alone. kopf decorators live in handlers.py only.
+matches is left alone. Every failure is a ``ReconcileError``. kopf decorators live in handlers.py.
 """
 
 from __future__ import annotations
@@ -13,40 +13,38 @@ from typing import Any
 
 import kopf
 
-from inferstack_operator import builders
+from inferstack_operator import builders, drift, names, reasons, spec
 from inferstack_operator.config import OperatorSettings
 from inferstack_operator.kube import ApiError, KubeClient
+from inferstack_operator.reasons import ReconcileError
+
+Live = dict[str, Any]
 
 
+@dataclass
+class Observed:
+    """The live workloads (component -> object or None) and the pods of those not yet ready."""
 
-class NotYet(Exception):
-    """The spec is fine, but something it needs is not there yet (retry later)."""
-
-    def __init__(self, reason: str, message: str, delay: float) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-        self.delay = delay
-
-
-class Blocked(Exception):
-    """A child the operator must not touch (e.g. owned by someone else); needs the user."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
+    children: dict[str, Live | None] = field(default_factory=dict)
+    pods: dict[str, list[Live]] = field(default_factory=dict)
 
 
 @dataclass
 class Outcome:
-    resolved: builders.Resolved
+    resolved: spec.Resolved
+    observed: Observed
     created: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
-    # component ("web", "worker", "redis") -> the live child after reconciling
-    children: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     # children that need the user (immutable fields changed): (reason, message)
     problem: tuple[str, str] | None = None
+    # user settings the operator overrides, for the status message
+    notes: list[str] = field(default_factory=list)
+
+
+def resolve_body(body: Mapping[str, Any], settings: OperatorSettings) -> spec.Resolved:
+    """The InferenceService's spec, resolved. Raises ``SpecError``."""
+    meta = body.get("metadata") or {}
+    return spec.resolve(meta["name"], meta["namespace"], body.get("spec"), settings.cluster_domain)
 
 
 def _describe(manifest: Mapping[str, Any]) -> str:
@@ -58,78 +56,96 @@ def _controlled_by(child: Mapping[str, Any], owner_uid: str | None) -> bool:
     return any(ref.get("controller") and ref.get("uid") == owner_uid for ref in refs)
 
 
-def _component(manifest: Mapping[str, Any]) -> str | None:
-    kind = manifest["kind"]
-    if kind in ("Deployment", "StatefulSet"):
-        return manifest["metadata"]["labels"].get("app.kubernetes.io/component")
-    return None
+def api_failure(e: ApiError) -> ReconcileError:
+    # 400/422: the API server refused a child built from this spec (e.g. a bad affinity);
+    # retrying will not help until the spec changes.
+    if e.status in (400, 422):
+        return ReconcileError(reasons.APPLY_FAILED, f"the API server refused a child object: {e.message}",
+                              permanent=True)
+    return ReconcileError(reasons.API_ERROR, str(e), delay=30 if e.status == 403 else 10)
 
 
-async def check_claims(kube: KubeClient, namespace: str, resolved: builders.Resolved) -> None:
+async def check_claims(kube: KubeClient, r: spec.Resolved) -> None:
     """The model/labels claims must exist, or the worker pods would hang in Pending."""
-    for claim in resolved.claims:
-        if await kube.get("PersistentVolumeClaim", namespace, claim) is None:
-            raise NotYet("WaitingForVolume",
-                         f"PersistentVolumeClaim {claim!r} (from spec.model) does not exist in namespace "
-                         f"{namespace!r}; create it with the model files, or fix the pvc:// location", delay=30)
+    for claim in r.claims:
+        if await kube.get("PersistentVolumeClaim", r.namespace, claim) is None:
+            raise ReconcileError(
+                reasons.WAITING_FOR_VOLUME,
+                f"PersistentVolumeClaim {claim!r} (from spec.model) does not exist in namespace "
+                f"{r.namespace!r}; create it with the model files, or fix the pvc:// location", delay=30)
 
 
-def desired_children(body: kopf.Body, settings: OperatorSettings) -> tuple[builders.Resolved, list[dict[str, Any]]]:
-    """Manifests for every child, owned by ``body``. Raises ``builders.SpecError``."""
-    name, namespace = body.metadata.name, body.metadata.namespace
-    assert name is not None and namespace is not None
-    resolved = builders.resolve(name, body.get("spec"))
-    manifests = builders.build_children(name, namespace, body.get("spec"), settings)
+async def _apply_children(body: kopf.Body, kube: KubeClient, outcome: Outcome, settings: OperatorSettings) -> None:
+    r = outcome.resolved
+    served = {api for api in sorted(builders.required_apis()) if await kube.served(api)}
+    wanted = builders.build_children(r, settings, served)
     # Names are already final (strict=True keeps them); adopt adds the ownerReference.
-    kopf.adopt(manifests, owner=body, strict=True)
-    return resolved, manifests
-
-
-async def reconcile(body: kopf.Body, kube: KubeClient, settings: OperatorSettings) -> Outcome:
-    """Create missing and re-apply drifted children. Raises SpecError, NotYet, Blocked."""
-    namespace = body.metadata.namespace
-    assert namespace is not None
-    resolved, manifests = desired_children(body, settings)
-    await check_claims(kube, namespace, resolved)
-    outcome = Outcome(resolved=resolved)
+    kopf.adopt([m for _, m in wanted], owner=body, strict=True)
     problems: list[str] = []
-    for manifest in manifests:
+    for child, manifest in wanted:
+        drift.stamp(manifest)
         what = _describe(manifest)
-        live = await kube.get(manifest["kind"], namespace, manifest["metadata"]["name"])
+        live = await kube.get(manifest["kind"], r.namespace, manifest["metadata"]["name"])
         if live is None:
-            try:
-                live = await kube.create(manifest)
-            except ApiError as e:
-                if e.status == 409:  # created meanwhile (a timer and a handler racing): look again later
-                    raise NotYet("Conflict", f"{what} appeared while being created; retrying", delay=2) from e
-                raise
+            live = await kube.apply(manifest)
             outcome.created.append(what)
         elif (live.get("metadata") or {}).get("deletionTimestamp"):
-            raise NotYet("ChildTerminating", f"{what} is being deleted; it will be recreated once gone", delay=5)
+            raise ReconcileError(reasons.CHILD_TERMINATING,
+                                 f"{what} is being deleted; it will be recreated once gone", delay=5)
         elif not _controlled_by(live, body.metadata.uid):
-            raise Blocked("ChildConflict",
-                          f"{what} already exists and is not controlled by this InferenceService; "
-                          f"delete or rename it, or rename the InferenceService")
+            raise ReconcileError(reasons.CHILD_CONFLICT,
+                                 f"{what} already exists and is not controlled by this InferenceService; "
+                                 f"delete or rename it, or rename the InferenceService", permanent=True)
         else:
-            stuck = builders.immutable_drift(manifest, live)
+            stuck = drift.immutable_drift(manifest, live)
             if stuck:
                 problems.append(f"{what}: {', '.join(stuck)} cannot change in place (e.g. spec.redis.storage); "
                                 f"delete the {manifest['kind']} to have it recreated with the new spec")
-            elif builders.drifted_paths(manifest, live):
+            elif drift.drifted_paths(manifest, live):
                 live = await kube.apply(manifest)
                 outcome.updated.append(what)
-        component = _component(manifest)
-        if component:
-            outcome.children[component] = live
+        if child.component:
+            outcome.observed.children[child.component] = live
     if problems:
-        outcome.problem = ("ImmutableFieldChanged", "; ".join(problems))
+        outcome.problem = (reasons.IMMUTABLE_FIELD_CHANGED, "; ".join(problems))
+
+
+async def reconcile(body: kopf.Body, kube: KubeClient, settings: OperatorSettings) -> Outcome:
+    """Create missing and re-apply drifted children. Raises ``ReconcileError`` only."""
+    r = resolve_body(body, settings)
+    outcome = Outcome(resolved=r, observed=Observed(), notes=builders.ignored_settings(r, settings))
+    try:
+        await check_claims(kube, r)
+        await _apply_children(body, kube, outcome, settings)
+        outcome.observed.pods = await read_pods(kube, r, outcome.observed.children)
+    except ApiError as e:
+        raise api_failure(e) from e
     return outcome
 
 
-async def read_children(kube: KubeClient, name: str, namespace: str) -> dict[str, dict[str, Any] | None]:
-    """The live web/worker Deployments and Redis StatefulSet (None where missing)."""
-    return {
-        "web": await kube.get("Deployment", namespace, builders.web_name(name)),
-        "worker": await kube.get("Deployment", namespace, builders.worker_name(name)),
-        "redis": await kube.get("StatefulSet", namespace, builders.redis_name(name)),
+def _ready(child: Mapping[str, Any] | None) -> int:
+    return int(((child or {}).get("status") or {}).get("readyReplicas") or 0)
+
+
+def wanted_replicas(r: spec.Resolved) -> dict[str, int]:
+    return {names.WEB: r.web_replicas, names.WORKER: r.worker_replicas, names.REDIS: 1}
+
+
+async def read_pods(kube: KubeClient, r: spec.Resolved, children: Mapping[str, Live | None]
+                    ) -> dict[str, list[Live]]:
+    """Pods of the workloads that have fewer ready pods than wanted (why they wait goes to status)."""
+    pods: dict[str, list[Live]] = {}
+    for component, wanted in wanted_replicas(r).items():
+        if children.get(component) is not None and _ready(children.get(component)) < wanted:
+            pods[component] = await kube.list("Pod", r.namespace, names.label_selector(r.name, component))
+    return pods
+
+
+async def observe(kube: KubeClient, r: spec.Resolved) -> Observed:
+    """The live web/worker Deployments, Redis StatefulSet, and pods of those not ready."""
+    children = {
+        names.WEB: await kube.get("Deployment", r.namespace, names.web_name(r.name)),
+        names.WORKER: await kube.get("Deployment", r.namespace, names.worker_name(r.name)),
+        names.REDIS: await kube.get("StatefulSet", r.namespace, names.redis_name(r.name)),
     }
+    return Observed(children=children, pods=await read_pods(kube, r, children))

@@ -1,15 +1,23 @@
-"""Pure status computation: the children's own status in, the InferenceService status out."""
+"""Pure status computation: the resolved spec and the children's state in, the status out."""
 
 from __future__ import annotations
 
 import datetime
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from inferstack_operator.builders import Resolved, service_url
+from inferstack_operator import reasons
+from inferstack_operator.names import REDIS, WEB, WORKER
+from inferstack_operator.spec import Resolved
 
 READY = "Ready"
 AVAILABLE = "Available"
+# Container waiting reasons that need the user (the kubelet will not get past them alone).
+STUCK_WAITING = frozenset({
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CrashLoopBackOff",
+    "CreateContainerConfigError", "CreateContainerError", "RunContainerError",
+})
+MAX_POD_MESSAGES = 3
 
 
 def now_iso() -> str:
@@ -51,25 +59,74 @@ def _replicas(ready: int, desired: int) -> dict[str, Any]:
     return {"replicas": desired, "readyReplicas": ready, "ready": f"{ready}/{desired}"}
 
 
+def _pod_problem(pod: Mapping[str, Any]) -> list[str]:
+    st = pod.get("status") or {}
+    found: list[str] = []
+    for cond in st.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False":
+            found.append(f"is Pending ({cond.get('reason') or 'Unschedulable'}): "
+                         f"{cond.get('message') or 'not scheduled yet'}")
+    for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") not in STUCK_WAITING:
+            continue
+        text = f"container {cs.get('name')}: {waiting['reason']}"
+        last = (cs.get("lastState") or {}).get("terminated") or {}
+        if waiting["reason"] == "CrashLoopBackOff" and "exitCode" in last:
+            text += f" (last exit code {last['exitCode']})"
+        elif waiting.get("message"):
+            text += f": {waiting['message']}"
+        found.append(text)
+    return found
+
+
+def pod_problems(pods: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Why pods are not running, from their conditions and container states.
+
+    Pods of one workload usually fail alike: each distinct problem is named once, with the
+    first pod that has it.
+    """
+    seen: dict[str, str] = {}
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name", "?")
+        for text in _pod_problem(pod):
+            seen.setdefault(text, f"pod {name} {text}")
+    return list(seen.values())[:MAX_POD_MESSAGES]
+
+
 def compute_status(
-    name: str,
-    namespace: str,
     generation: int | None,
-    resolved: Resolved,
-    children: Mapping[str, Mapping[str, Any] | None],
-    previous: Mapping[str, Any] | None,
+    resolved: Resolved | None,
+    children: Mapping[str, Mapping[str, Any] | None] | None = None,
+    previous: Mapping[str, Any] | None = None,
+    *,
+    pods: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     problem: tuple[str, str] | None = None,
+    notes: Sequence[str] = (),
     now: str | None = None,
 ) -> dict[str, Any]:
-    """Status from the live children ("web", "worker", "redis" -> body or None).
+    """The InferenceService's status; ``observedGeneration`` is ``generation`` on every path.
 
+    ``resolved`` None: the spec could not be resolved (``problem`` says why); only the Ready
+    condition changes. Otherwise from the live children ("web", "worker", "redis" -> body).
     Ready: every pod the spec asks for is ready (what ``kubectl wait --for=condition=Ready``
     needs). Available: at least one web, worker and Redis pod is ready, so /predict answers.
     ``problem`` (reason, message) forces Ready=False, e.g. a child the operator cannot update.
+    ``notes`` (settings the operator overrides) are appended to the Ready message.
     """
     prev_conditions = list((previous or {}).get("conditions") or [])
-    web_ready, worker_ready = _ready(children.get("web")), _ready(children.get("worker"))
-    redis_ready = _ready(children.get("redis")) >= 1
+    if resolved is None:
+        reason, message = problem or (reasons.INVALID_SPEC, "the spec cannot be served")
+        return {
+            "observedGeneration": generation,
+            "conditions": [
+                condition(prev_conditions, READY, False, reason, message, generation, now),
+                *[c for c in prev_conditions if c.get("type") != READY],
+            ],
+        }
+    children = children or {}
+    web_ready, worker_ready = _ready(children.get(WEB)), _ready(children.get(WORKER))
+    redis_ready = _ready(children.get(REDIS)) >= 1
     web_ok = web_ready >= resolved.web_replicas
     worker_ok = worker_ready >= resolved.worker_replicas
 
@@ -77,14 +134,14 @@ def compute_status(
         reason, message = problem
         ready = False
     elif resolved.web_replicas == 0 or resolved.worker_replicas == 0:
-        ready, reason = False, "ScaledToZero"
+        ready, reason = False, reasons.SCALED_TO_ZERO
         message = "spec.web.replicas and spec.worker.replicas must both be above 0 to serve requests"
     elif web_ok and worker_ok and redis_ready:
-        ready, reason = True, "AllReplicasReady"
+        ready, reason = True, reasons.ALL_REPLICAS_READY
         message = (f"{web_ready} web and {worker_ready} worker pods ready; "
                    f"serving {resolved.model_display}")
     else:
-        ready, reason = False, "Progressing"
+        ready, reason = False, reasons.PROGRESSING
         waiting = []
         if not redis_ready:
             waiting.append("Redis")
@@ -93,10 +150,17 @@ def compute_status(
         if not web_ok:
             waiting.append(f"web ({web_ready}/{resolved.web_replicas} ready)")
         message = "waiting for " + ", ".join(waiting)
+        stuck = [text for component in (WORKER, WEB, REDIS) for text in pod_problems((pods or {}).get(component, ()))]
+        if stuck:
+            reason = reasons.PODS_FAILING
+            message += ": " + "; ".join(stuck[:MAX_POD_MESSAGES])
+    if notes:
+        message += " (note: " + "; ".join(notes) + ")"
 
     available = web_ready >= 1 and worker_ready >= 1 and redis_ready
     return {
-        "url": service_url(name, namespace, resolved.service_port),
+        "observedGeneration": generation,
+        "url": resolved.url,
         "model": resolved.model_display,
         "web": _replicas(web_ready, resolved.web_replicas),
         "worker": _replicas(worker_ready, resolved.worker_replicas),
@@ -104,22 +168,10 @@ def compute_status(
         "conditions": [
             condition(prev_conditions, READY, ready, reason, message, generation, now),
             condition(prev_conditions, AVAILABLE, available,
-                      "MinimumReplicasReady" if available else "NoServingPath",
+                      reasons.MINIMUM_REPLICAS_READY if available else reasons.NO_SERVING_PATH,
                       "at least one web, worker and Redis pod is ready" if available
                       else "no complete web -> Redis -> worker path is ready yet",
                       generation, now),
-        ],
-    }
-
-
-def invalid_status(previous: Mapping[str, Any] | None, message: str, generation: int | None,
-                   reason: str = "InvalidSpec", now: str | None = None) -> dict[str, Any]:
-    """Status for a spec the operator cannot act on; children are left as they are."""
-    prev_conditions = list((previous or {}).get("conditions") or [])
-    return {
-        "conditions": [
-            condition(prev_conditions, READY, False, reason, message, generation, now),
-            *[c for c in prev_conditions if c.get("type") != READY],
         ],
     }
 

@@ -41,6 +41,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/configmaps": dict(kind="ConfigMap", singular="configmap", namespaced=True),
     "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", singular="persistentvolumeclaim",
                                       namespaced=True, subresources={"status"}),
+    "v1/pods": dict(kind="Pod", singular="pod", namespaced=True, subresources={"status"}),
     "v1/events": dict(kind="Event", singular="event", namespaced=True),
     "v1/namespaces": dict(kind="Namespace", singular="namespace", namespaced=False, subresources={"status"}),
     "apiextensions.k8s.io/v1/customresourcedefinitions": dict(
@@ -56,8 +57,11 @@ class Cluster(kmock.KubernetesEmulator):
     Added: uid/creationTimestamp/resourceVersion/generation (bumped on spec changes),
     the status subresource (status writes only touch status, main writes never do),
     JSON-patch ``test`` failures as HTTP 422, and a garbage collector for ownerReferences.
-    Not emulated: admission/defaulting/validation, server-side apply field ownership
-    (apply-patch bodies are merged like merge-patches), controllers (no pods, no status).
+    Server-side apply, for one field manager per object: an apply-patch to a missing object
+    creates it, and fields of the previous apply that the next one omits are removed (maps
+    only; lists are replaced whole).
+    Not emulated: admission/defaulting/validation, field ownership across managers,
+    controllers (no pods, no status: tests write those).
     """
 
     def __attrs_post_init__(self) -> None:
@@ -65,6 +69,7 @@ class Cluster(kmock.KubernetesEmulator):
         for key, info in RESOURCES.items():
             self.resources[key] = kmock.ResourceInfo(verbs=VERBS, **info)
         self._rv = 0
+        self._applied: dict[Any, Any] = {}  # (resource, namespace, name) -> the last apply body
 
     def _next_rv(self) -> str:
         self._rv += 1
@@ -96,6 +101,9 @@ class Cluster(kmock.KubernetesEmulator):
         return None
 
     async def _handle(self, request: kmock.Request) -> Any:
+        if request.resource is not None and request.name and \
+                request.headers.get("Content-Type", "").startswith("application/apply-patch"):
+            self._server_side_apply(request)
         if request.resource is not None:
             self._prepare(request)
         response = await super()._handle(request)
@@ -104,6 +112,18 @@ class Cluster(kmock.KubernetesEmulator):
             if self._live(request.resource, request.namespace, request.name) is None:
                 await self._collect_garbage()
         return response
+
+    def _server_side_apply(self, request: kmock.Request) -> None:
+        key = (request.resource, request.namespace, request.name)
+        body = request.data
+        previous = self._applied.get(key) if self._live(*key) is not None else None
+        self._applied[key] = copy.deepcopy(body)
+        if self._live(*key) is None:
+            # Apply creates what is missing (kmock's requests are frozen; this one is ours to route).
+            object.__setattr__(request, "action", kmock.action.CREATE)
+            body.setdefault("metadata", {}).pop("resourceVersion", None)
+        elif previous is not None:
+            _null_removed(previous, body)
 
     def _prepare(self, request: kmock.Request) -> None:
         data = request.data
@@ -167,6 +187,15 @@ class Cluster(kmock.KubernetesEmulator):
                     raw = obj.raw
                     obj.delete()
                     await self._buses[resource].put({"type": "DELETED", "object": raw})
+
+
+def _null_removed(previous: dict[str, Any], body: dict[str, Any]) -> None:
+    """Set to None (merge-patch delete) the keys the previous apply had and this one lacks."""
+    for key, value in previous.items():
+        if key not in body:
+            body[key] = None
+        elif isinstance(value, dict) and isinstance(body[key], dict):
+            _null_removed(value, body[key])
 
 
 def kubeconfig_text(url: str) -> str:

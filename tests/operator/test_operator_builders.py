@@ -9,11 +9,35 @@ import pytest
 import yaml
 from tests.operator.conftest import EXAMPLES
 
-from inferstack_operator import builders
+from inferstack_operator import builders, drift, spec
 from inferstack_operator.config import OperatorSettings, SettingsError
 
 K8S_VERSION = "1.31"
 SETTINGS = OperatorSettings()
+
+AFFINITY = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+    {"matchExpressions": [{"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["g5.xlarge"]}]}]}}}
+
+
+def tier(prefix: str) -> dict[str, Any]:
+    """Every per-tier cluster setting, with values that name their tier."""
+    return {
+        "env": [{"name": f"{prefix.upper()}_EXTRA", "value": "1"},
+                {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "creds", "key": prefix}}}],
+        "podAnnotations": {"example.com/tier": prefix},
+        "podLabels": {"team": prefix},
+        "affinity": AFFINITY,
+        "priorityClassName": f"{prefix}-priority",
+    }
+
+
+CLUSTER_SETTINGS: dict[str, Any] = {
+    "imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}],
+    "model": {"name": "EfficientNetB0", "runtime": "openvino", "precision": "int8"},
+    "web": tier("web"),
+    "worker": {**tier("worker"), "gpu": 2, "runtimeClassName": "nvidia"},
+    "redis": tier("redis"),
+}
 
 SPECS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -28,6 +52,7 @@ SPECS: dict[str, dict[str, Any]] = {
                              "resources": {"requests": {"cpu": 0.5}, "limits": {"memory": "2Gi"}}}},
     "custom-model": {"model": {"uri": "pvc://models/flowers/model.keras", "labels": "pvc://labels/flowers.txt",
                                "weights": "none", "topK": 3}, "worker": {"gpu": 0}},
+    "cluster-settings": CLUSTER_SETTINGS,
     "image-paths": {"model": {"uri": "/opt/models/m.keras", "labels": "/opt/models/labels.txt"},
                     "redis": {"resources": {"limits": {"memory": "1Gi"}}}},
 }
@@ -37,8 +62,14 @@ def by_kind(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {f"{m['kind']}/{m['metadata']['name']}": m for m in manifests}
 
 
-def build(spec: dict[str, Any], name: str = "demo", settings: OperatorSettings = SETTINGS) -> dict[str, dict[str, Any]]:
-    return by_kind(builders.build_children(name, "ml", spec, settings))
+def manifests(body: dict[str, Any] | None, name: str = "demo", settings: OperatorSettings = SETTINGS
+              ) -> list[dict[str, Any]]:
+    r = spec.resolve(name, "ml", body, settings.cluster_domain)
+    return [m for _, m in builders.build_children(r, settings)]
+
+
+def build(body: dict[str, Any], name: str = "demo", settings: OperatorSettings = SETTINGS) -> dict[str, dict[str, Any]]:
+    return by_kind(manifests(body, name, settings))
 
 
 def container(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -51,16 +82,16 @@ def env(manifest: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("case", sorted(SPECS))
 def test_every_manifest_is_valid_kubernetes(case: str) -> None:
-    for manifest in builders.build_children("demo", "ml", SPECS[case], SETTINGS):
+    for manifest in manifests(SPECS[case]):
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
 
 @pytest.mark.parametrize("filename", ["resnet50-gpu.yaml", "cpu-small.yaml", "custom-model.yaml"])
 def test_examples_build_valid_children(filename: str) -> None:
     body = yaml.safe_load((EXAMPLES / filename).read_text())
-    manifests = builders.build_children(body["metadata"]["name"], "ml", body["spec"], SETTINGS)
-    assert len(manifests) == 6
-    for manifest in manifests:
+    children = manifests(body["spec"], body["metadata"]["name"])
+    assert len(children) == 6
+    for manifest in children:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
 
@@ -78,6 +109,7 @@ def test_defaults() -> None:
         "INFERSTACK_REDIS_URL": "redis://demo-redis.ml.svc.cluster.local:6379/0",
         "INFERSTACK_MAX_QUEUE": "1000",
         "INFERSTACK_TOP_K": "5",
+        "INFERSTACK_MODEL_NAME": "resnet50",
     }
     web = objs["Deployment/demo-web"]
     assert web["spec"]["replicas"] == 2
@@ -152,7 +184,14 @@ def test_gpu_worker() -> None:
     pod = worker["spec"]["template"]["spec"]
     c = container(worker)
     assert c["image"] == "ghcr.io/inferstack/worker-gpu:0.1.0"
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    # One worker container per GPU, each with its own device, Redis consumer name and ready file.
+    workers = pod["containers"]
+    assert [w["name"] for w in workers] == ["worker", "worker-gpu1"]
+    assert all(w["resources"]["limits"]["nvidia.com/gpu"] == 1 for w in workers)
+    second = {e["name"]: e for e in workers[1]["env"]}
+    assert second["INFERSTACK_WORKER_NAME"]["value"] == "$(POD_NAME)-gpu1"
+    assert second["INFERSTACK_READY_FILE"]["value"] == "/tmp/inferstack-ready-1"
+    assert workers[1]["readinessProbe"]["exec"]["command"] == ["test", "-f", "/tmp/inferstack-ready-1"]
     assert pod["tolerations"][0] == {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
     assert pod["tolerations"][1]["key"] == "dedicated"
     assert pod["nodeSelector"] == {"pool": "gpu"}
@@ -179,7 +218,7 @@ def test_redis_without_persistence() -> None:
     assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
     maxmemory = int(args[args.index("--maxmemory") + 1])
     assert maxmemory == 1000 * 512 * 1024 + 64 * 1024 * 1024
-    assert builders.parse_quantity(container(sts)["resources"]["limits"]["memory"]) >= maxmemory
+    assert spec.quantity(container(sts)["resources"]["limits"]["memory"]) >= maxmemory
     assert "volumeClaimTemplates" not in sts["spec"]
     assert sts["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
     assert sts["spec"]["serviceName"] == "demo-redis"
@@ -199,7 +238,7 @@ def test_redis_with_persistence() -> None:
 
 
 def test_redis_memory_from_limit() -> None:
-    r = builders.resolve("demo", SPECS["image-paths"])
+    r = spec.resolve("demo", "ml", SPECS["image-paths"])
     assert builders.redis_memory(r) == (int(2**30 * 0.8), 2**30)
     sts = build(SPECS["image-paths"])["StatefulSet/demo-redis"]
     assert container(sts)["resources"]["limits"]["memory"] == "1Gi"
@@ -234,7 +273,9 @@ def test_custom_model_on_claims() -> None:
     claims = [v["persistentVolumeClaim"] for v in worker["spec"]["template"]["spec"]["volumes"]
               if "persistentVolumeClaim" in v]
     assert claims == [{"claimName": "models", "readOnly": True}, {"claimName": "labels", "readOnly": True}]
-    assert builders.resolve("demo", SPECS["custom-model"]).model_display == "flowers/model.keras"
+    r = spec.resolve("demo", "ml", SPECS["custom-model"])
+    assert r.model_display == "flowers/model.keras"
+    assert r.served_name == "model"
 
 
 def test_custom_model_in_image() -> None:
@@ -284,7 +325,7 @@ def test_config_change_rolls_both_tiers_but_worker_change_only_the_worker() -> N
     assert template(batch, "Deployment/demo-worker") != template(base, "Deployment/demo-worker")
 
 
-@pytest.mark.parametrize("name, spec, message", [
+@pytest.mark.parametrize("name, body, message", [
     ("demo", {"model": {"uri": "pvc://models/m.keras"}}, "spec.model.labels is required"),
     ("demo", {"model": {"uri": "s3://b/m.keras", "labels": "/l.txt"}}, "the s3:// scheme is not supported"),
     ("demo", {"model": {"uri": "models/m.keras", "labels": "/l.txt"}}, "a relative path is not supported"),
@@ -299,23 +340,28 @@ def test_config_change_rolls_both_tiers_but_worker_change_only_the_worker() -> N
     ("demo", {"web": {"resources": {"requests": {"cpu": "lots"}}}}, "is not a quantity"),
     ("demo", {"service": {"type": "Ingress"}}, "spec.service.type must be"),
     ("demo", {"redis": {"storage": "big"}}, "spec.redis.storage"),
+    ("demo", {"model": {"runtime": "onnx"}}, "spec.model.runtime must be one of keras, openvino, auto"),
+    ("demo", {"imagePullSecrets": [{"name": "Bad_Name"}]}, "spec.imagePullSecrets[0].name"),
+    ("demo", {"web": {"env": [{"value": "x"}]}}, "spec.web.env[0] needs a name"),
+    ("demo", {"worker": {"affinity": "gpu"}}, "spec.worker.affinity must be"),
     ("a" * 41, {}, "at most 40 characters"),
     ("9lives", {}, "starting with a letter"),
 ])
-def test_spec_errors_say_what_to_fix(name: str, spec: dict[str, Any], message: str) -> None:
-    with pytest.raises(builders.SpecError, match=None) as info:
-        builders.build_children(name, "ml", spec, SETTINGS)
+def test_spec_errors_say_what_to_fix(name: str, body: dict[str, Any], message: str) -> None:
+    with pytest.raises(spec.SpecError, match=None) as info:
+        manifests(body, name)
     assert message in str(info.value)
 
 
 def test_quantities() -> None:
-    assert builders.parse_quantity("512Mi") == 512 * 2**20
-    assert builders.parse_quantity("1.5") == builders.parse_quantity("1500m")
-    assert builders.parse_quantity("2k") == 2000
-    assert builders.parse_quantity("1e3") == 1000
-    assert builders.parse_quantity(2) == 2
-    with pytest.raises(ValueError):
-        builders.parse_quantity("2 GB")
+    assert spec.quantity("512Mi") == 512 * 2**20
+    assert spec.quantity("1.5") == spec.quantity("1500m")
+    assert spec.quantity("2k") == 2000
+    assert spec.quantity("1e3") == 1000
+    assert spec.quantity(2) == 2
+    for bad in ("2 GB", True):
+        with pytest.raises(ValueError):
+            spec.quantity(bad)
 
 
 def test_drift_ignores_server_defaults_and_canonical_quantities() -> None:
@@ -328,17 +374,75 @@ def test_drift_ignores_server_defaults_and_canonical_quantities() -> None:
     c["terminationMessagePath"] = "/dev/termination-log"
     c["resources"]["requests"]["cpu"] = "500m"  # the API server's form of 0.5
     c["ports"][0]["hostPort"] = None
-    assert builders.drifted_paths(want, have) == []
+    assert drift.drifted_paths(want, have) == []
 
     c["env"] = c["env"][:-1]
     have["spec"]["replicas"] = 5
-    assert builders.drifted_paths(want, have) == [".spec.replicas", ".spec.template.spec.containers[0].env"]
+    assert drift.drifted_paths(want, have) == [".spec.replicas", ".spec.template.spec.containers[0].env"]
 
 
 def test_immutable_drift_for_redis_storage() -> None:
     without = build({})["StatefulSet/demo-redis"]
     with_storage = build({"redis": {"storage": "1Gi"}})["StatefulSet/demo-redis"]
-    assert builders.immutable_drift(with_storage, without) == ["spec.volumeClaimTemplates"]
-    assert builders.immutable_drift(without, without) == []
+    assert drift.immutable_drift(with_storage, without) == ["spec.volumeClaimTemplates"]
+    assert drift.immutable_drift(without, without) == []
     bigger = build({"redis": {"storage": "5Gi"}})["StatefulSet/demo-redis"]
-    assert builders.immutable_drift(bigger, with_storage) == ["spec.volumeClaimTemplates"]
+    assert drift.immutable_drift(bigger, with_storage) == ["spec.volumeClaimTemplates"]
+
+
+def test_cluster_settings_reach_every_tier() -> None:
+    objs = build(CLUSTER_SETTINGS)
+    for key, component in (("Deployment/demo-web", "web"), ("Deployment/demo-worker", "worker"),
+                           ("StatefulSet/demo-redis", "redis")):
+        template = objs[key]["spec"]["template"]
+        pod = template["spec"]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}], key
+        assert pod["affinity"] == AFFINITY and pod["priorityClassName"] == f"{component}-priority", key
+        assert template["metadata"]["annotations"]["example.com/tier"] == component
+        assert template["metadata"]["labels"]["team"] == component
+        for c in pod["containers"]:
+            names = [e["name"] for e in c["env"]]
+            # Appended after ours, in order.
+            assert names[-2:] == [f"{component.upper()}_EXTRA", "FROM_SECRET"], key
+    worker_pod = objs["Deployment/demo-worker"]["spec"]["template"]["spec"]
+    assert worker_pod["runtimeClassName"] == "nvidia"
+    assert "runtimeClassName" not in objs["Deployment/demo-web"]["spec"]["template"]["spec"]
+    e = env(objs["Deployment/demo-worker"])
+    assert e["INFERSTACK_RUNTIME"] == "openvino" and e["INFERSTACK_PRECISION"] == "int8"
+    assert "INFERSTACK_RUNTIME" not in env(objs["Deployment/demo-web"])
+    assert objs["ConfigMap/demo-config"]["data"]["INFERSTACK_MODEL_NAME"] == "efficientnetb0"
+    defaults = build({})
+    assert "INFERSTACK_RUNTIME" not in env(defaults["Deployment/demo-worker"])
+    assert "imagePullSecrets" not in defaults["Deployment/demo-web"]["spec"]["template"]["spec"]
+
+
+def test_our_env_and_labels_win_and_say_so() -> None:
+    body = {"web": {"env": [{"name": "INFERSTACK_PORT", "value": "9999"},
+                            {"name": "INFERSTACK_REDIS_URL", "value": "redis://elsewhere:6379/0"},
+                            {"name": "MINE", "value": "x"}],
+                    "podLabels": {"app.kubernetes.io/instance": "other", "team": "a"}},
+            "worker": {"env": [{"name": "INFERSTACK_BATCH_SIZE", "value": "1"}]}}
+    objs = build(body)
+    web = env(objs["Deployment/demo-web"])
+    assert web["INFERSTACK_PORT"] == "8080" and web["MINE"] == "x" and "INFERSTACK_REDIS_URL" not in web
+    assert env(objs["Deployment/demo-worker"])["INFERSTACK_BATCH_SIZE"] == "32"
+    labels = objs["Deployment/demo-web"]["spec"]["template"]["metadata"]["labels"]
+    assert labels["app.kubernetes.io/instance"] == "demo" and labels["team"] == "a"
+    notes = builders.ignored_settings(spec.resolve("demo", "ml", body), SETTINGS)
+    assert notes == [
+        "spec.web.env INFERSTACK_PORT, INFERSTACK_REDIS_URL ignored: the operator sets it",
+        "spec.web.podLabels app.kubernetes.io/instance ignored: the operator sets it",
+        "spec.worker.env INFERSTACK_BATCH_SIZE ignored: the operator sets it",
+    ]
+    assert builders.ignored_settings(spec.resolve("demo", "ml", CLUSTER_SETTINGS), SETTINGS) == []
+
+
+def test_cluster_domain_setting() -> None:
+    settings = OperatorSettings.from_env({"INFERSTACK_CLUSTER_DOMAIN": "corp.example."})
+    assert settings.cluster_domain == "corp.example"
+    objs = build({}, settings=settings)
+    assert objs["ConfigMap/demo-config"]["data"]["INFERSTACK_REDIS_URL"] == \
+        "redis://demo-redis.ml.svc.corp.example:6379/0"
+    assert spec.resolve("demo", "ml", {}, settings.cluster_domain).url == "http://demo.ml.svc.corp.example:80/predict"
+    with pytest.raises(SettingsError):
+        OperatorSettings.from_env({"INFERSTACK_CLUSTER_DOMAIN": "not a domain"})

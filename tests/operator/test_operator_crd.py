@@ -11,7 +11,7 @@ import pytest
 import yaml
 from tests.operator.conftest import CRD_PATH, EXAMPLES
 
-from inferstack_operator import builders
+from inferstack_operator import spec as operator_spec
 
 
 def load_crd() -> dict[str, Any]:
@@ -100,7 +100,7 @@ def test_examples_are_admitted(filename: str) -> None:
     body = yaml.safe_load((EXAMPLES / filename).read_text())
     assert body["apiVersion"] == "inferstack.dev/v1alpha1" and body["kind"] == "InferenceService"
     admitted = admit(body)
-    builders.resolve(body["metadata"]["name"], admitted["spec"])  # and the operator accepts them
+    operator_spec.resolve(body["metadata"]["name"], "ml", admitted["spec"])  # and the operator accepts them
 
 
 def test_schema_defaults_match_the_operator_defaults() -> None:
@@ -112,7 +112,7 @@ def test_schema_defaults_match_the_operator_defaults() -> None:
     assert spec["service"] == {"type": "ClusterIP", "port": 80}
     assert "storage" not in spec["redis"]
     # What the API server fills in is what the operator assumes when it is absent.
-    assert builders.resolve("x", spec) == builders.resolve("x", {})
+    assert operator_spec.resolve("x", "ml", spec) == operator_spec.resolve("x", "ml", {})
 
 
 @pytest.mark.parametrize("spec, field", [
@@ -131,6 +131,16 @@ def test_schema_defaults_match_the_operator_defaults() -> None:
     ({"worker": {"resources": {"limits": {"cpu": "two"}}}}, "cpu"),
     ({"worker": {"nodeSelector": {"pool": 1}}}, "pool"),
     ({"web": {"requestTimeoutSeconds": "30"}}, "requestTimeoutSeconds"),
+    ({"model": {"runtime": "onnx"}}, "runtime"),
+    ({"model": {"precision": "fp64"}}, "precision"),
+    ({"imagePullSecrets": [{"secret": "regcred"}]}, "name"),
+    ({"imagePullSecrets": ["regcred"]}, "imagePullSecrets"),
+    ({"web": {"env": [{"value": "1"}]}}, "name"),
+    ({"worker": {"podLabels": {"team": 1}}}, "team"),
+    ({"redis": {"podAnnotations": {"a": True}}}, "a"),
+    ({"worker": {"priorityClassName": ""}}, "priorityClassName"),
+    ({"worker": {"runtimeClassName": 3}}, "runtimeClassName"),
+    ({"web": {"affinity": "anywhere"}}, "affinity"),
 ])
 def test_nonsense_is_rejected(spec: dict[str, Any], field: str) -> None:
     body = {"apiVersion": "inferstack.dev/v1alpha1", "kind": "InferenceService",
@@ -143,3 +153,13 @@ def test_nonsense_is_rejected(spec: dict[str, Any], field: str) -> None:
 def test_quantities_accept_numbers_and_strings() -> None:
     admit({"apiVersion": "inferstack.dev/v1alpha1", "kind": "InferenceService", "metadata": {"name": "x"},
            "spec": {"worker": {"resources": {"limits": {"cpu": 2, "memory": "4Gi"}, "requests": {"cpu": "500m"}}}}})
+
+
+def test_cluster_settings_are_admitted_and_resolved() -> None:
+    from tests.operator.test_operator_builders import CLUSTER_SETTINGS
+
+    admitted = admit({"apiVersion": "inferstack.dev/v1alpha1", "kind": "InferenceService",
+                      "metadata": {"name": "x"}, "spec": CLUSTER_SETTINGS})
+    r = operator_spec.resolve("x", "ml", admitted["spec"])
+    assert r.image_pull_secrets == ("regcred", "mirror")
+    assert r.worker.runtime_class_name == "nvidia" and r.runtime == "openvino" and r.precision == "int8"

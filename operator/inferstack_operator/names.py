@@ -1,0 +1,60 @@
+"""Names, labels and in-cluster URLs of an InferenceService's children."""
+
+from __future__ import annotations
+
+from inferstack_operator.config import (
+    APP_NAME,
+    LABEL_COMPONENT,
+    LABEL_INSTANCE,
+    LABEL_MANAGED_BY,
+    LABEL_NAME,
+    LABEL_PART_OF,
+    MANAGED_BY,
+)
+
+WEB = "web"
+WORKER = "worker"
+REDIS = "redis"
+WEB_PORT = 8080
+REDIS_PORT = 6379
+
+
+def web_name(name: str) -> str:
+    return f"{name}-web"
+
+
+def worker_name(name: str) -> str:
+    return f"{name}-worker"
+
+
+def redis_name(name: str) -> str:
+    return f"{name}-redis"
+
+
+def config_name(name: str) -> str:
+    return f"{name}-config"
+
+
+def selector_labels(name: str, component: str) -> dict[str, str]:
+    return {LABEL_NAME: APP_NAME, LABEL_INSTANCE: name, LABEL_COMPONENT: component}
+
+
+def labels(name: str, component: str | None) -> dict[str, str]:
+    result = {LABEL_NAME: APP_NAME, LABEL_INSTANCE: name}
+    if component:
+        result[LABEL_COMPONENT] = component
+    result.update({LABEL_MANAGED_BY: MANAGED_BY, LABEL_PART_OF: APP_NAME})
+    return result
+
+
+def label_selector(name: str, component: str) -> str:
+    """``selector_labels`` as a ``labelSelector`` query parameter."""
+    return ",".join(f"{k}={v}" for k, v in selector_labels(name, component).items())
+
+
+def redis_url(name: str, namespace: str, cluster_domain: str) -> str:
+    return f"redis://{redis_name(name)}.{namespace}.svc.{cluster_domain}:{REDIS_PORT}/0"
+
+
+def service_url(name: str, namespace: str, cluster_domain: str, port: int) -> str:
+    return f"http://{name}.{namespace}.svc.{cluster_domain}:{port}/predict"

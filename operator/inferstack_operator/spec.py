@@ -1,0 +1,335 @@
+"""The InferenceService spec in, a frozen ``Resolved`` out: the only module that reads ``spec``.
+
+``resolve()`` applies the CRD defaults (the API server does it too, but the operator must not
+depend on it) and the checks the schema cannot express; it raises ``SpecError`` with a message
+a user can act on. Everything downstream (builders, status) takes the ``Resolved``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import PurePosixPath
+from typing import Any
+
+from kubernetes.utils import parse_quantity
+
+from inferstack_operator import names
+from inferstack_operator.reasons import SpecError
+
+__all__ = ["Location", "PodOptions", "Resolved", "SpecError", "parse_location", "quantity", "resolve"]
+
+GPU_RESOURCE = "nvidia.com/gpu"
+# Longer than Kubernetes' own derived names allow: the StatefulSet pod "<name>-redis-0" and its
+# "controller-revision-hash" label "<name>-redis-<10 chars>" must fit in 63 characters.
+MAX_NAME_LENGTH = 40
+DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+RUNTIMES = ("keras", "openvino", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
+
+
+def quantity(value: str | int | float) -> Decimal:
+    """A Kubernetes quantity ("512Mi", "1.5", "250m", 3) in base units; ValueError if it is none."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a quantity: {value!r}")
+    try:
+        result: Decimal = parse_quantity(value)
+    except (ValueError, InvalidOperation):
+        raise ValueError(f"not a quantity: {value!r}") from None
+    return result
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where the worker finds a file: a path in its image, or a path on a mounted claim."""
+
+    path: str
+    claim: str | None = None
+
+
+@dataclass(frozen=True)
+class PodOptions:
+    """Per-tier pod settings a cluster may need (spec.web / spec.worker / spec.redis)."""
+
+    env: tuple[Mapping[str, Any], ...] = ()
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
+    affinity: Mapping[str, Any] | None = None
+    priority_class_name: str | None = None
+    runtime_class_name: str | None = None
+    resources: Mapping[str, Any] = field(default_factory=dict)
+    image: str | None = None
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The spec with defaults applied and values checked, plus where it lives."""
+
+    name: str
+    namespace: str
+    cluster_domain: str
+    model_name: str
+    model: Location | None
+    weights: str | Location
+    labels: Location | None
+    top_k: int
+    runtime: str | None
+    precision: str | None
+    web_replicas: int
+    request_timeout_s: int
+    max_image_bytes: int
+    worker_replicas: int
+    batch_size: int
+    max_batch_delay_ms: int
+    gpu: int
+    worker_grace_s: int
+    node_selector: Mapping[str, str]
+    tolerations: tuple[Mapping[str, Any], ...]
+    redis_storage: str | None
+    redis_storage_class: str | None
+    max_queue: int
+    service_type: str
+    service_port: int
+    service_annotations: Mapping[str, str]
+    image_pull_secrets: tuple[str, ...]
+    web: PodOptions
+    worker: PodOptions
+    redis: PodOptions
+
+    @property
+    def claims(self) -> list[str]:
+        """Distinct PersistentVolumeClaims the worker mounts, in a stable order."""
+        found: list[str] = []
+        for loc in (self.model, self.weights, self.labels):
+            if isinstance(loc, Location) and loc.claim and loc.claim not in found:
+                found.append(loc.claim)
+        return found
+
+    @property
+    def model_display(self) -> str:
+        return self.model.path if self.model else self.model_name
+
+    @property
+    def served_name(self) -> str:
+        """The name clients use for the model (v2 API): architecture or file stem, lower-cased."""
+        return (PurePosixPath(self.model.path).stem if self.model else self.model_name).lower()
+
+    @property
+    def redis_url(self) -> str:
+        return names.redis_url(self.name, self.namespace, self.cluster_domain)
+
+    @property
+    def url(self) -> str:
+        return names.service_url(self.name, self.namespace, self.cluster_domain, self.service_port)
+
+
+def _int(section: Mapping[str, Any], key: str, where: str, default: int, lo: int, hi: int) -> int:
+    value = section.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{where}.{key} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise SpecError(f"{where}.{key} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _str(section: Mapping[str, Any], key: str, where: str, default: str | None = None) -> str | None:
+    value = section.get(key, default)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise SpecError(f"{where}.{key} must be a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _choice(section: Mapping[str, Any], key: str, where: str, choices: tuple[str, ...]) -> str | None:
+    value = _str(section, key, where)
+    if value is not None and value not in choices:
+        raise SpecError(f"{where}.{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _dns_name(section: Mapping[str, Any], key: str, where: str) -> str | None:
+    value = _str(section, key, where)
+    if value is not None and (len(value) > 253 or not DNS_SUBDOMAIN.match(value)):
+        raise SpecError(f"{where}.{key}: {value!r} is not a valid object name (lowercase letters, digits, '-', '.')")
+    return value
+
+
+def _section(spec: Mapping[str, Any], key: str, where: str = "spec") -> Mapping[str, Any]:
+    value = spec.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where}.{key} must be an object, got {value!r}")
+    return value
+
+
+def _string_map(section: Mapping[str, Any], key: str, where: str) -> dict[str, str]:
+    value = section.get(key) or {}
+    if not isinstance(value, Mapping) or not all(isinstance(v, str) for v in value.values()):
+        raise SpecError(f"{where}.{key} must map names to string values")
+    return {str(k): v for k, v in value.items()}
+
+
+def parse_location(value: str, where: str) -> Location:
+    """An absolute path in the worker image, or ``pvc://<claim>/<path>`` on a claim."""
+    if value.startswith("/"):
+        if "/../" in value + "/":
+            raise SpecError(f"{where} must not contain '..', got {value!r}")
+        return Location(path=value)
+    if value.startswith("pvc://"):
+        claim, _, rest = value[len("pvc://"):].partition("/")
+        rest = rest.strip("/")
+        if not claim or not DNS_SUBDOMAIN.match(claim) or len(claim) > 253:
+            raise SpecError(f"{where}: {claim!r} is not a valid PersistentVolumeClaim name "
+                            f"(use pvc://<claim>/<path>, e.g. pvc://models/resnet/model.keras)")
+        if not rest:
+            raise SpecError(f"{where} must name a file on the claim: pvc://{claim}/<path>, got {value!r}")
+        if ".." in rest.split("/"):
+            raise SpecError(f"{where} must not contain '..', got {value!r}")
+        return Location(path=rest, claim=claim)
+    scheme = value.split("://", 1)[0] + "://" if "://" in value else None
+    what = f"the {scheme} scheme is not supported" if scheme else "a relative path is not supported"
+    raise SpecError(f"{where}: {what} ({value!r}); use an absolute path inside the worker image "
+                    f"or pvc://<claim>/<path> on a PersistentVolumeClaim in this namespace")
+
+
+def _resources(section: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    value = section.get("resources") or {}
+    if not isinstance(value, Mapping):
+        raise SpecError(f"{where}.resources must be an object with limits/requests")
+    for part in value:
+        if part not in ("limits", "requests"):
+            raise SpecError(f"{where}.resources.{part} is not supported; use limits and requests")
+        items = value[part] or {}
+        if not isinstance(items, Mapping):
+            raise SpecError(f"{where}.resources.{part} must map resource names to quantities")
+        for key, qty in items.items():
+            try:
+                quantity(qty)
+            except ValueError:
+                raise SpecError(f"{where}.resources.{part}.{key}: {qty!r} is not a quantity (e.g. 500m, 2Gi)") from None
+    return value
+
+
+def _env(section: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any], ...]:
+    value = section.get("env") or []
+    if not isinstance(value, list):
+        raise SpecError(f"{where}.env must be a list of {{name, value}} or {{name, valueFrom}}")
+    for index, item in enumerate(value):
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise SpecError(f"{where}.env[{index}] needs a name")
+        if "value" in item and "valueFrom" in item:
+            raise SpecError(f"{where}.env[{index}] ({item['name']}) sets both value and valueFrom")
+    return tuple(dict(item) for item in value)
+
+
+def _pod_options(section: Mapping[str, Any], where: str, runtime_class: bool = False) -> PodOptions:
+    affinity = section.get("affinity")
+    if affinity is not None and not isinstance(affinity, Mapping):
+        raise SpecError(f"{where}.affinity must be a Pod affinity object")
+    return PodOptions(
+        env=_env(section, where),
+        annotations=_string_map(section, "podAnnotations", where),
+        labels=_string_map(section, "podLabels", where),
+        affinity=dict(affinity) if affinity else None,
+        priority_class_name=_dns_name(section, "priorityClassName", where),
+        runtime_class_name=_dns_name(section, "runtimeClassName", where) if runtime_class else None,
+        resources=_resources(section, where),
+        image=_str(section, "image", where),
+    )
+
+
+def _pull_secrets(spec: Mapping[str, Any]) -> tuple[str, ...]:
+    value = spec.get("imagePullSecrets") or []
+    if not isinstance(value, list):
+        raise SpecError("spec.imagePullSecrets must be a list of {name: <Secret>}")
+    result = []
+    for index, item in enumerate(value):
+        secret = _dns_name(item, "name", f"spec.imagePullSecrets[{index}]") if isinstance(item, Mapping) else None
+        if secret is None:
+            raise SpecError(f"spec.imagePullSecrets[{index}] must be {{name: <Secret>}}")
+        result.append(secret)
+    return tuple(result)
+
+
+def resolve(name: str, namespace: str, spec: Mapping[str, Any] | None,
+            cluster_domain: str = "cluster.local") -> Resolved:
+    """Defaults and cross-field checks for one InferenceService; raises ``SpecError``."""
+    if len(name) > MAX_NAME_LENGTH or not DNS_LABEL.match(name):
+        raise SpecError(f"metadata.name {name!r} must be at most {MAX_NAME_LENGTH} characters of lowercase "
+                        f"letters, digits and '-', starting with a letter (it names Services and pods)")
+    spec = spec or {}
+    model = _section(spec, "model")
+    web = _section(spec, "web")
+    worker = _section(spec, "worker")
+    redis = _section(spec, "redis")
+    service = _section(spec, "service")
+
+    model_name = _str(model, "name", "spec.model", "ResNet50") or "ResNet50"
+    uri = _str(model, "uri", "spec.model")
+    labels = _str(model, "labels", "spec.model")
+    model_loc = parse_location(uri, "spec.model.uri") if uri else None
+    labels_loc = parse_location(labels, "spec.model.labels") if labels else None
+    if model_loc and not labels_loc:
+        raise SpecError("spec.model.uri is a custom model, so spec.model.labels is required: point it at a "
+                        "labels file (one class name per line, in output order), e.g. pvc://models/labels.txt")
+    weights_raw = _str(model, "weights", "spec.model", "imagenet") or "imagenet"
+    weights: str | Location = weights_raw
+    if weights_raw not in ("imagenet", "none"):
+        weights = parse_location(weights_raw, "spec.model.weights")
+
+    worker_options = _pod_options(worker, "spec.worker", runtime_class=True)
+    for part in ("limits", "requests"):
+        if GPU_RESOURCE in (worker_options.resources.get(part) or {}):
+            raise SpecError(f"spec.worker.resources.{part} sets {GPU_RESOURCE}; set spec.worker.gpu instead "
+                            f"(0 runs the CPU worker image)")
+    tolerations = worker.get("tolerations") or []
+    if not isinstance(tolerations, list) or not all(isinstance(t, Mapping) for t in tolerations):
+        raise SpecError("spec.worker.tolerations must be a list of Pod tolerations")
+
+    storage = _str(redis, "storage", "spec.redis")
+    if storage is not None:
+        try:
+            if quantity(storage) <= 0:
+                raise ValueError(storage)
+        except ValueError:
+            raise SpecError(f"spec.redis.storage must be a positive size such as 1Gi, got {storage!r}") from None
+
+    service_type = _choice(service, "type", "spec.service", ("ClusterIP", "NodePort", "LoadBalancer")) or "ClusterIP"
+
+    return Resolved(
+        name=name,
+        namespace=namespace,
+        cluster_domain=cluster_domain,
+        model_name=model_name,
+        model=model_loc,
+        weights=weights,
+        labels=labels_loc,
+        top_k=_int(model, "topK", "spec.model", 5, 1, 1000),
+        runtime=_choice(model, "runtime", "spec.model", RUNTIMES),
+        precision=_choice(model, "precision", "spec.model", PRECISIONS),
+        web_replicas=_int(web, "replicas", "spec.web", 2, 0, 1000),
+        request_timeout_s=_int(web, "requestTimeoutSeconds", "spec.web", 30, 1, 3600),
+        max_image_bytes=_int(web, "maxImageBytes", "spec.web", 10 * 1024 * 1024, 1024, 100 * 1024 * 1024),
+        worker_replicas=_int(worker, "replicas", "spec.worker", 1, 0, 1000),
+        batch_size=_int(worker, "batchSize", "spec.worker", 32, 1, 1024),
+        max_batch_delay_ms=_int(worker, "maxBatchDelayMs", "spec.worker", 5, 0, 10000),
+        gpu=_int(worker, "gpu", "spec.worker", 1, 0, 16),
+        worker_grace_s=_int(worker, "terminationGracePeriodSeconds", "spec.worker", 60, 10, 3600),
+        node_selector=_string_map(worker, "nodeSelector", "spec.worker"),
+        tolerations=tuple(dict(t) for t in tolerations),
+        redis_storage=storage,
+        redis_storage_class=_str(redis, "storageClassName", "spec.redis"),
+        max_queue=_int(redis, "maxQueue", "spec.redis", 1000, 1, 1_000_000),
+        service_type=service_type,
+        service_port=_int(service, "port", "spec.service", 80, 1, 65535),
+        service_annotations=_string_map(service, "annotations", "spec.service"),
+        image_pull_secrets=_pull_secrets(spec),
+        web=_pod_options(web, "spec.web"),
+        worker=worker_options,
+        redis=_pod_options(redis, "spec.redis"),
+    )
