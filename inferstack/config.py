@@ -58,6 +58,13 @@ class Settings:
     ready_file: str | None = None
     web_processes: int = 2
     web_threads: int = 32
+    host: str = "0.0.0.0"
+    access_log: str | None = None
+    log_level: str = "INFO"
+    baked_keras_home: str = "/opt/keras"
+    runtime: str | None = None
+    precision: str | None = None
+    model_name: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -80,4 +87,11 @@ class Settings:
             ready_file=env.get("INFERSTACK_READY_FILE") or None,
             web_processes=_int(env, "INFERSTACK_WEB_PROCESSES", cls.web_processes, 1, 64),
             web_threads=_int(env, "INFERSTACK_WEB_THREADS", cls.web_threads, 1, 1024),
+            host=env.get("INFERSTACK_HOST") or cls.host,
+            access_log=env.get("INFERSTACK_ACCESS_LOG") or None,
+            log_level=(env.get("INFERSTACK_LOG_LEVEL") or cls.log_level).upper(),
+            baked_keras_home=env.get("INFERSTACK_BAKED_KERAS_HOME") or cls.baked_keras_home,
+            runtime=env.get("INFERSTACK_RUNTIME") or None,
+            precision=env.get("INFERSTACK_PRECISION") or None,
+            model_name=env.get("INFERSTACK_MODEL_NAME") or None,
         )

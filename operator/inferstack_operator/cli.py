@@ -9,11 +9,10 @@ Every argument is passed to ``kopf run`` (``--namespace``/``-n``, ``--all-namesp
 
 from __future__ import annotations
 
-import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from inferstack_operator.config import ENV_WATCH_NAMESPACE
+from inferstack_operator.config import OperatorSettings, SettingsError
 
 
 HANDLERS_MODULE = "inferstack_operator.handlers"
@@ -29,16 +28,15 @@ def _has(args: Sequence[str], *options: str) -> bool:
     return False
 
 
-def build_argv(args: Sequence[str], env: dict[str, str] | None = None) -> list[str]:
-    """The ``kopf`` argv for ``inferstack-operator ARGS``."""
-    env = dict(os.environ) if env is None else env
+def build_argv(args: Sequence[str], env: Mapping[str, str] | None = None) -> list[str]:
+    """The ``kopf`` argv for ``inferstack-operator ARGS``; raises ``SettingsError``."""
+    settings = OperatorSettings.from_env(env)
     argv = ["run", "-m", HANDLERS_MODULE]
     if _has(args, "--help", "-h"):
         return ["run", "--help"]
     if not _has(args, "--namespace", "-n", "--all-namespaces", "-A"):
-        names = [n.strip() for n in (env.get(ENV_WATCH_NAMESPACE) or "").split(",") if n.strip()]
-        if names:
-            for name in names:
+        if settings.watch_namespaces:
+            for name in settings.watch_namespaces:
                 argv += ["--namespace", name]
         else:
             argv.append("--all-namespaces")
@@ -50,7 +48,10 @@ def build_argv(args: Sequence[str], env: dict[str, str] | None = None) -> list[s
 def main(argv: Sequence[str] | None = None) -> None:
     import kopf.cli  # late: keeps --help of build_argv cheap to test
 
-    args = build_argv(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_argv(sys.argv[1:] if argv is None else argv)
+    except SettingsError as exc:
+        sys.exit(f"inferstack-operator: {exc}")
     kopf.cli.main(args=args, prog_name="inferstack-operator")
 
 

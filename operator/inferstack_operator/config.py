@@ -93,6 +93,7 @@ class OperatorSettings:
     image_pull_policy: str = "IfNotPresent"
     resync_seconds: float = 60.0
     cluster_domain: str = "cluster.local"
+    watch_namespaces: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -118,4 +119,5 @@ class OperatorSettings:
             image_pull_policy=policy,
             resync_seconds=resync,
             cluster_domain=domain,
+            watch_namespaces=tuple(n.strip() for n in (env.get(ENV_WATCH_NAMESPACE) or "").split(",") if n.strip()),
         )

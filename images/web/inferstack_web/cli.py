@@ -36,10 +36,9 @@ def main() -> None:
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Each gunicorn process writes its counters here; /metrics merges them.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="inferstack-metrics-")
-    host = os.environ.get("INFERSTACK_HOST", "0.0.0.0")
-    argv = gunicorn_argv(settings, host)
-    if os.environ.get("INFERSTACK_ACCESS_LOG"):
-        argv[1:1] = ["--access-logfile", os.environ["INFERSTACK_ACCESS_LOG"]]
+    argv = gunicorn_argv(settings, settings.host)
+    if settings.access_log:
+        argv[1:1] = ["--access-logfile", settings.access_log]
     argv[-1:-1] = sys.argv[1:]
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", *argv[1:]])
 

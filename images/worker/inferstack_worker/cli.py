@@ -10,20 +10,21 @@ import time
 
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    logging.basicConfig(
-        level=os.environ.get("INFERSTACK_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from inferstack.config import ConfigError, Settings
+
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        sys.exit(f"inferstack-worker: {exc}")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("inferstack.worker")
 
-    from inferstack.config import ConfigError, Settings
     from inferstack.protocol import WorkerQueue
 
     from .model import load_classifier
     from .worker import Worker, default_worker_name
 
     try:
-        settings = Settings.from_env()
         t0 = time.perf_counter()
         classifier = load_classifier(settings)
     except ConfigError as exc:

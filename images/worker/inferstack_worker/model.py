@@ -58,7 +58,7 @@ def link_baked_weights(baked_home: str | None = None) -> int:
     download; pods run with a read-only root file system, so link the baked files there.
     Returns how many files were linked.
     """
-    baked = Path(baked_home or os.environ.get("INFERSTACK_BAKED_KERAS_HOME", BAKED_KERAS_HOME)) / "models"
+    baked = Path(baked_home or BAKED_KERAS_HOME) / "models"
     if not baked.is_dir():
         return 0
     home = os.path.expanduser(os.environ.get("KERAS_HOME") or os.path.join("~", ".keras"))
@@ -207,7 +207,7 @@ def load_classifier(settings: Settings) -> Classifier:
             weights = settings.weights
         else:
             raise ConfigError(f"INFERSTACK_WEIGHTS={settings.weights!r}: use imagenet, none, or a weights file path")
-        if weights == "imagenet" and link_baked_weights():
+        if weights == "imagenet" and link_baked_weights(settings.baked_keras_home):
             log.info("using ImageNet weights baked into the image")
         log.info("building %s (weights=%s)", spec, weights)
         model = factory(weights=weights)
