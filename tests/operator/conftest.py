@@ -78,6 +78,11 @@ class Cluster(kmock.KubernetesEmulator):
     async def _serve_list(self, request: kmock.Request) -> Any:
         payload = await super()._serve_list(request)
         payload["metadata"]["resourceVersion"] = str(self._rv)
+        # Equality-based labelSelector ("a=b,c=d"), which kmock ignores.
+        wanted = dict(term.split("=", 1) for term in request.params.get("labelSelector", "").split(",") if term)
+        if wanted:
+            payload["items"] = [item for item in payload["items"]
+                                if wanted.items() <= (item.get("metadata", {}).get("labels") or {}).items()]
         return payload
 
     async def _serve_watch(self, request: kmock.Request) -> Any:

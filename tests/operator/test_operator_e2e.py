@@ -216,6 +216,7 @@ async def test_invalid_resource_gets_ready_false_with_a_message(
                             and ready_condition(operator, "flowers"), what="Ready=False InvalidSpec")
     assert cond["status"] == "False"
     assert expected in cond["message"]
+    assert status(operator, "flowers")["observedGeneration"] == 1  # set on the failure path too
     await eventually(lambda: any(e["type"] == "Warning" and e["reason"] == "InvalidSpec"
                                  for e in events(operator, "flowers")), what="a Warning event")
     # A permanent error: nothing is created, and the timer does not spam events about it.
