@@ -38,7 +38,7 @@ redis:
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 run: venv redis
-	$(BIN)/python -m inferstack.devstack --workers $(WORKERS)
+	$(BIN)/python -m tools.devstack --workers $(WORKERS)
 
 test: venv redis $(HELM_VENV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

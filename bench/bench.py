@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inferstack.config import Settings  # noqa: E402
-from inferstack.devstack import LocalStack  # noqa: E402
+from tools.devstack import LocalStack  # noqa: E402
 from inferstack.imaging import decode_image  # noqa: E402
 
 

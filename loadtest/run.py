@@ -34,7 +34,7 @@ def main() -> int:
     if host:
         return subprocess.call(locust_argv(host, users, rate, duration, out, extra))
 
-    from inferstack.devstack import LocalStack, weights_fallback_env
+    from tools.devstack import LocalStack, weights_fallback_env
 
     env = weights_fallback_env("loadtest")
     with LocalStack(env=env, log_dir=str(out / "stack-logs")) as stack:

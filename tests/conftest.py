@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from inferstack.devstack import LocalStack
+from tools.devstack import LocalStack
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The operator's timer interval is fixed when its handlers module is imported, and the chart

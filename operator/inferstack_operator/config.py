@@ -39,6 +39,10 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 
+# On an InferenceService: no resync timer and no finalizer, so deleting it never waits for the
+# operator (the chart's sample carries it, for `helm uninstall`). Any value counts.
+EPHEMERAL_LABEL = "inferstack.dev/ephemeral"
+
 # Pod template annotation: a digest of the shared ConfigMap, so a config change rolls the pods
 # (envFrom is read only when a container starts).
 CONFIG_HASH_ANNOTATION = "inferstack.dev/config-hash"

@@ -15,6 +15,7 @@ import kopf
 
 from inferstack_operator import builders, reasons, reconcile, status
 from inferstack_operator.config import (
+    EPHEMERAL_LABEL,
     GROUP,
     KIND,
     LABEL_MANAGED_BY,
@@ -155,7 +156,11 @@ async def reconcile_stack(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
     await _reconcile(body, memo, logger, from_timer=False)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+# kopf puts a finalizer on every object a timer runs for. Objects labelled ephemeral (the chart's
+# sample) get no timer, hence no finalizer: deleting them never waits for the operator, even
+# when `helm uninstall` removes the operator first.
+@kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds,
+            labels={EPHEMERAL_LABEL: kopf.ABSENT})
 async def resync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Repair deleted or hand-edited children and refresh status, every resync interval."""
     if not (body.get("status") or {}).get("conditions"):

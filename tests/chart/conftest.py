@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "inferstack"
 CHART_CRD = CHART / "crds" / "inferenceservices.inferstack.dev.yaml"
 OPERATOR_CRD = REPO / "operator" / "inferstack_operator" / "crd.yaml"
-DRIVER = Path(__file__).with_name("helm_driver.py")
+DRIVER = Path(__file__).resolve().parents[2] / "tools" / "helm_driver.py"
 # make's `.venv-helm/.stamp` target builds it; INFERSTACK_HELM_PYTHON points elsewhere.
 HELM_PYTHON = Path(os.environ.get("INFERSTACK_HELM_PYTHON", REPO / ".venv-helm" / "bin" / "python"))
 NAMESPACE = "inferstack-system"
@@ -36,6 +36,7 @@ CASES: dict[str, dict] = {
             "redis": {"repository": "registry.example.com/redis", "tag": "7.2.5"},
         },
         "imagePullSecrets": [{"name": "regcred"}],
+        "clusterDomain": "corp.example",
         "serviceAccount": {"create": False, "name": "ml-operator"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
@@ -52,6 +53,7 @@ BAD_VALUES: dict[str, tuple[dict, str]] = {
     "unknown-key": ({"replicas": 1}, "replicas"),
     "namespace-not-dns": ({"watchNamespaces": ["Team_A"]}, "/watchNamespaces/0"),
     "redis-without-tag": ({"images": {"redis": {"repository": "redis", "tag": ""}}}, "/images/redis"),
+    "clusterDomain-not-dns": ({"clusterDomain": "Corp_Example"}, "/clusterDomain"),
     "sample-spec-not-object": ({"sample": {"enabled": True, "spec": "gpu: 1"}}, "/sample/spec"),
 }
 

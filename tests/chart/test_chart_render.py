@@ -110,6 +110,7 @@ def test_default_images_match_the_operator_defaults(rendered: dict) -> None:
     assert values[opconfig.ENV_WORKER_GPU_IMAGE] == defaults.worker_gpu_image
     assert values[opconfig.ENV_REDIS_IMAGE] == defaults.redis_image
     assert values[opconfig.ENV_IMAGE_PULL_POLICY] == defaults.image_pull_policy
+    assert values[opconfig.ENV_CLUSTER_DOMAIN] == defaults.cluster_domain
 
 
 def test_custom_images(rendered: dict) -> None:
@@ -123,6 +124,7 @@ def test_custom_images(rendered: dict) -> None:
         opconfig.ENV_WORKER_GPU_IMAGE: "registry.example.com/ml/worker-gpu:1.2.3-cuda",
         opconfig.ENV_REDIS_IMAGE: "registry.example.com/redis:7.2.5",
         opconfig.ENV_IMAGE_PULL_POLICY: "Always",
+        opconfig.ENV_CLUSTER_DOMAIN: "corp.example",
     }
     pod = only(objs, "Deployment")["spec"]["template"]["spec"]
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
@@ -156,6 +158,8 @@ def test_sample_inference_service(rendered: dict) -> None:
     validate_cr(sample)
     assert sample["metadata"]["name"] == "resnet"
     assert sample["spec"] == CASES["sample"]["sample"]["spec"]
+    # No finalizer: `helm uninstall` may remove the operator before the sample (see handlers.resync).
+    assert sample["metadata"]["labels"][opconfig.EPHEMERAL_LABEL] == "true"
     # The chart's default sample spec is valid too (and CPU-only, to run anywhere).
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     validate_cr({**sample, "spec": values["sample"]["spec"]})

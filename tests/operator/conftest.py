@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime
 import pathlib
@@ -250,9 +251,9 @@ async def cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> As
         yield emulator
 
 
-@pytest_asyncio.fixture()
-async def operator(cluster: Cluster) -> AsyncIterator[Cluster]:
-    """The real operator (handlers module, kopf's reactor) running against ``cluster``.
+@contextlib.asynccontextmanager
+async def running_operator(cluster: Cluster) -> AsyncIterator[Cluster]:
+    """The real operator (handlers module, kopf's reactor) running against ``cluster`` inside the block.
 
     kopf gets its own thread and event loop, as in production: in the test's loop, its
     shutdown would cancel every task started after it (pytest-asyncio's teardown included).
@@ -267,7 +268,7 @@ async def operator(cluster: Cluster) -> AsyncIterator[Cluster]:
     def run() -> None:
         try:
             asyncio.run(kopf.operator(clusterwide=True, standalone=True, stop_flag=stop, ready_flag=ready))
-        except BaseException as e:  # surfaced in the teardown below
+        except BaseException as e:  # surfaced below
             errors.append(e)
 
     thread = threading.Thread(target=run, name="kopf-operator", daemon=True)
@@ -281,3 +282,10 @@ async def operator(cluster: Cluster) -> AsyncIterator[Cluster]:
         await loop.run_in_executor(None, thread.join, 20)
         assert not thread.is_alive(), "operator did not stop"
         assert not errors, errors
+
+
+@pytest_asyncio.fixture()
+async def operator(cluster: Cluster) -> AsyncIterator[Cluster]:
+    """The real operator running against ``cluster`` for the whole test."""
+    async with running_operator(cluster):
+        yield cluster

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from tests.operator.conftest import ISVC, NAMESPACE, Cluster, eventually
+from tests.operator.conftest import ISVC, NAMESPACE, Cluster, eventually, running_operator
 from tests.operator.test_operator_e2e import (
     DEPLOYMENTS,
+    ISVCS,
     STATEFULSETS,
     apply,
     assert_rbac_covers,
@@ -176,3 +177,27 @@ async def test_pod_problems_show_in_the_ready_condition(operator: Cluster) -> No
     await eventually(lambda: "pod mobilenet-worker-c container worker: CrashLoopBackOff (last exit code 2)"
                      in ready_condition(operator, "mobilenet").get("message", ""), what="CrashLoopBackOff")
     assert_rbac_covers(operator)
+
+
+async def test_ephemeral_resource_is_deleted_without_the_operator(cluster: Cluster) -> None:
+    """The chart's sample (labelled ephemeral) has no finalizer: `helm uninstall` cannot leave it stuck."""
+    sample = example("cpu-small.yaml")
+    sample["metadata"]["labels"] = {"inferstack.dev/ephemeral": "true"}
+    regular = example("resnet50-gpu.yaml")
+    async with running_operator(cluster):
+        await apply(cluster, sample)
+        await apply(cluster, regular)
+        await eventually(lambda: all(children(cluster, "mobilenet").values())
+                         and all(children(cluster, "resnet50").values()), what="children")
+        await eventually(lambda: status(cluster, "mobilenet").get("observedGeneration") == 1, what="sample status")
+        await eventually(lambda: live(cluster, ISVCS, "resnet50")["metadata"].get("finalizers"),
+                         what="the regular one's finalizer")
+        assert not live(cluster, ISVCS, "mobilenet")["metadata"].get("finalizers")
+    # The operator is gone (as after `helm uninstall` removed its Deployment).
+    rsp = await cluster.delete(f"{ISVC}/mobilenet")
+    assert rsp.status == 200
+    assert live(cluster, ISVCS, "mobilenet") is None
+    await eventually(lambda: not any(children(cluster, "mobilenet").values()), what="sample's children collected")
+    rsp = await cluster.delete(f"{ISVC}/resnet50")
+    assert rsp.status == 200
+    assert live(cluster, ISVCS, "resnet50") is not None  # without the label it waits for its finalizer

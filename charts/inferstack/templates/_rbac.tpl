@@ -15,7 +15,7 @@ checks them against the requests the operator's code sends).
 - apiGroups: ["inferstack.dev"]
   resources: ["inferenceservices/status"]
   verbs: ["patch"]
-# Children: get to detect drift, create when missing, server-side apply (patch) when drifted;
+# Children: get to detect drift, server-side apply (patch; create when missing) to create or update;
 # list/watch so their status changes refresh the owner's status.
 - apiGroups: ["apps"]
   resources: ["deployments", "statefulsets"]
@@ -28,6 +28,11 @@ checks them against the requests the operator's code sends).
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]
   verbs: ["get"]
+# Pods of a workload that is not ready: why (Unschedulable, image pulls, crash loops) goes
+# into the Ready condition. Read only.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list"]
 # kopf.info()/kopf.warn() and kopf's own handler events.
 - apiGroups: [""]
   resources: ["events"]

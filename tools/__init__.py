@@ -1,0 +1,1 @@
+"""Developer tooling (local stack launcher, Helm driver): not part of any image."""
