@@ -101,8 +101,8 @@ class KubeClient:
         if info is None:
             raise kopf.TemporaryError("not logged in to the Kubernetes API yet", delay=5)
         if self._session is None or self._session.closed or self._session_for is not info:
-            if self._session is not None:
-                await self._session.close()
+            # Swap before awaiting anything: concurrent handlers must not each open a session.
+            old = self._session
             self._session = aiohttp.ClientSession(
                 base_url=info.server.rstrip("/") + "/",
                 connector=aiohttp.TCPConnector(ssl=_ssl_context(info), limit=20),
@@ -110,6 +110,8 @@ class KubeClient:
                 timeout=aiohttp.ClientTimeout(total=30),
             )
             self._session_for = info
+            if old is not None:
+                await old.close()
         return self._session, info
 
     async def close(self) -> None:
@@ -145,7 +147,7 @@ class KubeClient:
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
         return await self.request("GET", object_path(kind, namespace, name))
 
-    async def list(self, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
+    async def list_objects(self, kind: str, namespace: str, label_selector: str) -> list[dict[str, Any]]:
         result = await self.request("GET", object_path(kind, namespace), params={"labelSelector": label_selector})
         return list((result or {}).get("items") or [])
 

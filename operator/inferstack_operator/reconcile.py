@@ -137,7 +137,7 @@ async def read_pods(kube: KubeClient, r: spec.Resolved, children: Mapping[str, L
     pods: dict[str, list[Live]] = {}
     for component, wanted in wanted_replicas(r).items():
         if children.get(component) is not None and _ready(children.get(component)) < wanted:
-            pods[component] = await kube.list("Pod", r.namespace, names.label_selector(r.name, component))
+            pods[component] = await kube.list_objects("Pod", r.namespace, names.label_selector(r.name, component))
     return pods
 
 

@@ -201,3 +201,24 @@ async def test_ephemeral_resource_is_deleted_without_the_operator(cluster: Clust
     rsp = await cluster.delete(f"{ISVC}/resnet50")
     assert rsp.status == 200
     assert live(cluster, ISVCS, "resnet50") is not None  # without the label it waits for its finalizer
+
+
+async def test_optional_children_follow_the_apis_the_cluster_serves(
+        operator: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    from inferstack_operator import builders
+
+    def extra(suffix: str) -> builders.Builder:
+        def build(r: Any, settings: Any) -> dict[str, Any]:
+            return {"apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": f"{r.name}-{suffix}", "namespace": r.namespace}, "data": {}}
+        return build
+
+    monkeypatch.setattr(builders, "CHILDREN", [
+        *builders.CHILDREN,
+        builders.Child("ConfigMap", extra("served"), requires="apps/v1"),
+        builders.Child("ConfigMap", extra("absent"), requires="example.com/v1"),
+    ])
+    await apply(operator, example("cpu-small.yaml"))
+    await eventually(lambda: live(operator, "v1/configmaps", "mobilenet-served"), what="the served API's child")
+    await eventually(lambda: all(children(operator, "mobilenet").values()), what="children")
+    assert live(operator, "v1/configmaps", "mobilenet-absent") is None
