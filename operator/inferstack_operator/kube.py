@@ -1,9 +1,14 @@
 """A small async Kubernetes API client for the children, on the credentials kopf logs in with.
 
 kopf has no public client for arbitrary objects; the official client is synchronous and its
-generated API changes between releases. Plain JSON over aiohttp (already a kopf dependency)
-does the handful of calls we need: get, list, server-side apply (which also creates, so one
-field manager owns every field we set, and a field we stop sending is removed), merge-patch status.
+generated API changes between releases. A second async client (lightkube, kr8s,
+kubernetes_asyncio) would log in on its own, in parallel to kopf: two credential paths to keep
+in step (exec plugins, token refresh) where this one reuses kopf's, which re-logs in on 401.
+Plain JSON over aiohttp (already a kopf dependency) does the handful of calls we need: get,
+list, discovery, server-side apply (which also creates, so one field manager owns every field
+we set, and a field we stop sending is removed), merge-patch status. TLS: the server CA from
+the kubeconfig or service account, client certificates, and verification always on unless
+the kubeconfig says insecure-skip-tls-verify.
 """
 
 from __future__ import annotations

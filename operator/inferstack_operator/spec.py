@@ -227,7 +227,8 @@ def _env(section: Mapping[str, Any], where: str) -> tuple[Mapping[str, Any], ...
     return tuple(dict(item) for item in value)
 
 
-def _pod_options(section: Mapping[str, Any], where: str, runtime_class: bool = False) -> PodOptions:
+def _pod_options(section: Mapping[str, Any], where: str, *, image: bool = True, runtime_class: bool = False
+                 ) -> PodOptions:
     affinity = section.get("affinity")
     if affinity is not None and not isinstance(affinity, Mapping):
         raise SpecError(f"{where}.affinity must be a Pod affinity object")
@@ -239,7 +240,7 @@ def _pod_options(section: Mapping[str, Any], where: str, runtime_class: bool = F
         priority_class_name=_dns_name(section, "priorityClassName", where),
         runtime_class_name=_dns_name(section, "runtimeClassName", where) if runtime_class else None,
         resources=_resources(section, where),
-        image=_str(section, "image", where),
+        image=_str(section, "image", where) if image else None,
     )
 
 
@@ -331,5 +332,5 @@ def resolve(name: str, namespace: str, spec: Mapping[str, Any] | None,
         image_pull_secrets=_pull_secrets(spec),
         web=_pod_options(web, "spec.web"),
         worker=worker_options,
-        redis=_pod_options(redis, "spec.redis"),
+        redis=_pod_options(redis, "spec.redis", image=False),  # the operator's Redis image only
     )
