@@ -32,6 +32,7 @@ logger = logging.getLogger("inferstack_operator")
 # Read at import: the timer interval is fixed when the decorator registers it.
 SETTINGS = OperatorSettings.from_env()
 
+
 def _kube(memo: Any) -> KubeClient:
     kube: KubeClient = memo.kube
     return kube
