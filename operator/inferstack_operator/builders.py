@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from inferstack_operator import builders_autoscaling as autoscaling
 from inferstack_operator.config import CONFIG_HASH_ANNOTATION, OperatorSettings
 from inferstack_operator.names import (
     REDIS,
@@ -154,14 +155,16 @@ def _reserved(component: str, r: Resolved) -> Collection[str]:
     return config_data(r) if component in (WEB, WORKER) else ()
 
 
-def _deployment(child: str, r: Resolved, component: str, replicas: int, rolling: dict[str, int],
+def _deployment(child: str, r: Resolved, component: str, replicas: int | None, rolling: dict[str, int],
                 options: PodOptions, pod_spec: Manifest) -> Manifest:
+    """``replicas`` None: an autoscaler owns the count, so it is neither applied nor drift-checked."""
+    spec: dict[str, Any] = {} if replicas is None else {"replicas": replicas}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _object_meta(child, r, component),
         "spec": {
-            "replicas": replicas,
+            **spec,
             "revisionHistoryLimit": 5,
             "selector": {"matchLabels": selector_labels(r.name, component)},
             "strategy": {"type": "RollingUpdate", "rollingUpdate": rolling},
@@ -223,7 +226,8 @@ def build_web_deployment(r: Resolved, settings: OperatorSettings) -> Manifest:
         "containers": [container],
         "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
     }
-    return _deployment(web_name(r.name), r, WEB, r.web_replicas, {"maxUnavailable": 0, "maxSurge": 1},
+    replicas = None if r.web_autoscaling else r.web_replicas
+    return _deployment(web_name(r.name), r, WEB, replicas, {"maxUnavailable": 0, "maxSurge": 1},
                        r.web, pod_spec)
 
 
@@ -267,6 +271,7 @@ def worker_env(r: Resolved, index: int = 0) -> list[EnvVar]:
                 {"name": "INFERSTACK_WORKER_NAME", "value": f"$(POD_NAME)-gpu{index}"}]
     env += [
         {"name": "INFERSTACK_READY_FILE", "value": ready_file(index)},
+        {"name": "INFERSTACK_METRICS_PORT", "value": str(autoscaling.METRICS_PORT + index)},
         # KERAS_HOME stays the image's (weights baked at /opt/keras); the worker links them into
         # the writable cache Keras falls back to under HOME=/tmp.
         {"name": "HOME", "value": "/tmp"},
@@ -284,6 +289,8 @@ def _worker_container(r: Resolved, settings: OperatorSettings, index: int, resou
         "image": r.worker.image or (settings.worker_gpu_image if r.gpu else settings.worker_image),
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["inferstack-worker"],
+        "ports": [{"name": autoscaling.metrics_port_name(index), "containerPort": autoscaling.METRICS_PORT + index,
+                   "protocol": "TCP"}],
         "envFrom": [{"configMapRef": {"name": config_name(r.name)}}],
         "env": env,
         # Model load (and a weights download) can take minutes: allow 10 before liveness applies.
@@ -341,7 +348,8 @@ def build_worker_deployment(r: Resolved, settings: OperatorSettings) -> Manifest
         pod_spec["tolerations"] = tolerations
     # A GPU rollout cannot surge without a spare GPU: replace in place instead.
     rolling = {"maxUnavailable": 1, "maxSurge": 0} if gpu else {"maxUnavailable": 0, "maxSurge": 1}
-    return _deployment(worker_name(r.name), r, WORKER, r.worker_replicas, rolling, r.worker, pod_spec)
+    replicas = None if r.worker_autoscaling else r.worker_replicas
+    return _deployment(worker_name(r.name), r, WORKER, replicas, rolling, r.worker, pod_spec)
 
 
 def redis_memory(r: Resolved) -> tuple[int, int]:
@@ -476,12 +484,15 @@ class Child:
     ``component``: web/worker/redis workloads whose live status feeds the InferenceService's.
     ``requires``: an apiVersion outside core Kubernetes (e.g. ``keda.sh/v1alpha1``); the child
     is built only when the cluster serves it.
+    ``name``: the child's name from the InferenceService's, for children a spec may stop
+    wanting (autoscaling or monitoring turned off): the reconciler deletes those it owns.
     """
 
     kind: str
     build: Builder
     component: str | None = None
     requires: str | None = None
+    name: Callable[[str], str] | None = None
 
 
 CHILDREN: list[Child] = [
@@ -491,6 +502,13 @@ CHILDREN: list[Child] = [
     Child("Deployment", build_worker_deployment, component=WORKER),
     Child("Deployment", build_web_deployment, component=WEB),
     Child("Service", build_front_service),
+    Child("TriggerAuthentication", autoscaling.build_trigger_authentication, requires=autoscaling.KEDA_API,
+          name=worker_name),
+    Child("ScaledObject", autoscaling.build_scaled_object, requires=autoscaling.KEDA_API, name=worker_name),
+    Child("HorizontalPodAutoscaler", autoscaling.build_web_hpa, name=web_name),
+    Child("PodMonitor", autoscaling.build_web_pod_monitor, requires=autoscaling.MONITORING_API, name=web_name),
+    Child("PodMonitor", autoscaling.build_worker_pod_monitor, requires=autoscaling.MONITORING_API,
+          name=worker_name),
 ]
 
 
@@ -499,9 +517,15 @@ def required_apis() -> set[str]:
     return {c.requires for c in CHILDREN if c.requires}
 
 
+def served_spec(r: Resolved, served: Collection[str]) -> Resolved:
+    """The spec the children are built from: without KEDA, autoscaled workers fall back to fixed ones."""
+    return r if autoscaling.KEDA_API in served else autoscaling.without_keda(r)
+
+
 def build_children(r: Resolved, settings: OperatorSettings, served: Collection[str] = ()
                    ) -> list[tuple[Child, Manifest]]:
     """Every wanted child of one InferenceService, in creation order, with its registry entry."""
+    r = served_spec(r, served)
     result = []
     for child in CHILDREN:
         if child.requires and child.requires not in served:
@@ -510,3 +534,17 @@ def build_children(r: Resolved, settings: OperatorSettings, served: Collection[s
         if manifest is not None:
             result.append((child, manifest))
     return result
+
+
+def unwanted_children(r: Resolved, settings: OperatorSettings, served: Collection[str] = ()
+                      ) -> list[tuple[str, str]]:
+    """(kind, name) of the prunable children this spec does not want, on APIs the cluster serves."""
+    wanted = {(m["kind"], m["metadata"]["name"]) for _, m in build_children(r, settings, served)}
+    found = []
+    for child in CHILDREN:
+        if child.name is None or (child.requires and child.requires not in served):
+            continue
+        key = (child.kind, child.name(r.name))
+        if key not in wanted and key not in found:
+            found.append(key)
+    return found

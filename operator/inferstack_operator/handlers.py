@@ -138,15 +138,19 @@ async def _reconcile(body: kopf.Body, memo: kopf.Memo, log: kopf.Logger, *, from
         for what in outcome.updated:
             kopf.info(body, reason=reasons.REPAIRED if from_timer else reasons.UPDATED,
                       message=f"Re-applied {what} (it differed from the spec)" if from_timer else f"Updated {what}")
+        for what in outcome.deleted:
+            kopf.info(body, reason=reasons.DELETED, message=f"Deleted {what} (the spec no longer asks for it)")
         if outcome.problem:
             warn(*outcome.problem)
         if outcome.notes and not from_timer:
             kopf.warn(body, reason=reasons.IGNORED_SETTINGS, message="; ".join(outcome.notes))
         new = status.compute_status(generation, outcome.resolved, outcome.observed.children, current,
-                                    pods=outcome.observed.pods, problem=outcome.problem, notes=outcome.notes)
+                                    pods=outcome.observed.pods, problem=outcome.problem, notes=outcome.notes,
+                                    autoscaling=outcome.autoscaling)
         await _write_status(kube, body, current, new)
-        if outcome.created or outcome.updated:
-            log.info("created %s; updated %s", outcome.created or "nothing", outcome.updated or "nothing")
+        if outcome.created or outcome.updated or outcome.deleted:
+            log.info("created %s; updated %s; deleted %s", outcome.created or "nothing",
+                     outcome.updated or "nothing", outcome.deleted or "nothing")
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)

@@ -5,7 +5,7 @@ generated API changes between releases. A second async client (lightkube, kr8s,
 kubernetes_asyncio) would log in on its own, in parallel to kopf: two credential paths to keep
 in step (exec plugins, token refresh) where this one reuses kopf's, which re-logs in on 401.
 Plain JSON over aiohttp (already a kopf dependency) does the handful of calls we need: get,
-list, discovery, server-side apply (which also creates, so one field manager owns every field
+list, discovery, delete, server-side apply (which also creates, so one field manager owns every field
 we set, and a field we stop sending is removed), merge-patch status. TLS: the server CA from
 the kubeconfig or service account, client certificates, and verification always on unless
 the kubeconfig says insecure-skip-tls-verify.
@@ -174,6 +174,10 @@ class KubeClient:
         if result is None:
             raise ApiError(404, f"{manifest['kind']} {meta['name']!r} disappeared while being updated")
         return result
+
+    async def delete(self, kind: str, namespace: str, name: str) -> None:
+        """Delete one object (its dependents go with it, in the background); gone already is fine."""
+        await self.request("DELETE", object_path(kind, namespace, name))
 
     async def patch_status(self, kind: str, namespace: str, name: str, status: Mapping[str, Any]) -> None:
         await self.request("PATCH", object_path(kind, namespace, name, "status"), body={"status": dict(status)},

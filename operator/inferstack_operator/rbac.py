@@ -21,6 +21,14 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets"],
      "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["get", "create", "patch"]},
+    # Autoscalers and PodMonitors (optional children): created, updated, and deleted again when
+    # the spec stops asking for them.
+    {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"],
+     "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["keda.sh"], "resources": ["scaledobjects", "triggerauthentications"],
+     "verbs": ["get", "create", "patch", "delete"]},
+    {"apiGroups": ["monitoring.coreos.com"], "resources": ["podmonitors"],
+     "verbs": ["get", "create", "patch", "delete"]},
     # pvc:// model locations must exist before the worker is created.
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
     # Why pods of a workload are not ready (Unschedulable, image pulls, crash loops), for status.

@@ -22,10 +22,14 @@ API_ERROR = "ApiError"
 # Available
 MINIMUM_REPLICAS_READY = "MinimumReplicasReady"
 NO_SERVING_PATH = "NoServingPath"
+# Autoscaling (its own condition; never fails the service)
+AUTOSCALING_ACTIVE = "AutoscalingActive"
+KEDA_NOT_INSTALLED = "KEDANotInstalled"
 # Events
 CREATED = "Created"
 UPDATED = "Updated"
 REPAIRED = "Repaired"
+DELETED = "Deleted"
 IGNORED_SETTINGS = "IgnoredSettings"
 
 PROBLEM_REASONS = frozenset({

@@ -13,7 +13,7 @@ from typing import Any
 
 import kopf
 
-from inferstack_operator import builders, drift, names, reasons, spec
+from inferstack_operator import builders, builders_autoscaling, drift, names, reasons, spec, status
 from inferstack_operator.config import OperatorSettings
 from inferstack_operator.kube import ApiError, KubeClient
 from inferstack_operator.reasons import ReconcileError
@@ -35,6 +35,9 @@ class Outcome:
     observed: Observed
     created: list[str] = field(default_factory=list)
     updated: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    # the Autoscaling condition (status, reason, message); None when no tier is autoscaled
+    autoscaling: tuple[bool, str, str] | None = None
     # children that need the user (immutable fields changed): (reason, message)
     problem: tuple[str, str] | None = None
     # user settings the operator overrides, for the status message
@@ -75,9 +78,42 @@ async def check_claims(kube: KubeClient, r: spec.Resolved) -> None:
                 f"{r.namespace!r}; create it with the model files, or fix the pvc:// location", delay=30)
 
 
+def autoscaling_condition(r: spec.Resolved, served: set[str]) -> tuple[bool, str, str] | None:
+    if r.worker_autoscaling is None and r.web_autoscaling is None:
+        return None
+    parts = []
+    if r.web_autoscaling:
+        a = r.web_autoscaling
+        parts.append(f"a HorizontalPodAutoscaler keeps web between {a.min_replicas} and {a.max_replicas} pods "
+                     f"at {a.target_cpu_percent}% CPU")
+    if r.worker_autoscaling and builders_autoscaling.KEDA_API not in served:
+        fixed = builders_autoscaling.without_keda(r).worker_replicas
+        return False, reasons.KEDA_NOT_INSTALLED, (
+            f"spec.worker.autoscaling needs KEDA ({builders_autoscaling.KEDA_API} is not served by this cluster): "
+            f"workers run at a fixed {fixed} until KEDA is installed" + "".join(f"; {p}" for p in parts))
+    if r.worker_autoscaling:
+        a2 = r.worker_autoscaling
+        parts.insert(0, f"KEDA keeps workers between {a2.min_replicas} and {a2.max_replicas} pods, one per "
+                        f"{a2.target_queue_length} queued requests")
+    return True, reasons.AUTOSCALING_ACTIVE, "; ".join(parts)
+
+
+async def _prune(body: kopf.Body, kube: KubeClient, outcome: Outcome, settings: OperatorSettings,
+                 served: set[str]) -> None:
+    """Delete children of ours that the spec no longer wants (e.g. autoscaling turned off)."""
+    r = outcome.resolved
+    for kind, name in builders.unwanted_children(r, settings, served):
+        live = await kube.get(kind, r.namespace, name)
+        meta = (live or {}).get("metadata") or {}
+        if live is not None and not meta.get("deletionTimestamp") and _controlled_by(live, body.metadata.uid):
+            await kube.delete(kind, r.namespace, name)
+            outcome.deleted.append(f"{kind} {name}")
+
+
 async def _apply_children(body: kopf.Body, kube: KubeClient, outcome: Outcome, settings: OperatorSettings) -> None:
     r = outcome.resolved
     served = {api for api in sorted(builders.required_apis()) if await kube.served(api)}
+    outcome.autoscaling = autoscaling_condition(r, served)
     wanted = builders.build_children(r, settings, served)
     # Names are already final (strict=True keeps them); adopt adds the ownerReference.
     kopf.adopt([m for _, m in wanted], owner=body, strict=True)
@@ -108,6 +144,7 @@ async def _apply_children(body: kopf.Body, kube: KubeClient, outcome: Outcome, s
             outcome.observed.children[child.component] = live
     if problems:
         outcome.problem = (reasons.IMMUTABLE_FIELD_CHANGED, "; ".join(problems))
+    await _prune(body, kube, outcome, settings, served)
 
 
 async def reconcile(body: kopf.Body, kube: KubeClient, settings: OperatorSettings) -> Outcome:
@@ -123,20 +160,12 @@ async def reconcile(body: kopf.Body, kube: KubeClient, settings: OperatorSetting
     return outcome
 
 
-def _ready(child: Mapping[str, Any] | None) -> int:
-    return int(((child or {}).get("status") or {}).get("readyReplicas") or 0)
-
-
-def wanted_replicas(r: spec.Resolved) -> dict[str, int]:
-    return {names.WEB: r.web_replicas, names.WORKER: r.worker_replicas, names.REDIS: 1}
-
-
 async def read_pods(kube: KubeClient, r: spec.Resolved, children: Mapping[str, Live | None]
                     ) -> dict[str, list[Live]]:
     """Pods of the workloads that have fewer ready pods than wanted (why they wait goes to status)."""
     pods: dict[str, list[Live]] = {}
-    for component, wanted in wanted_replicas(r).items():
-        if children.get(component) is not None and _ready(children.get(component)) < wanted:
+    for component, wanted in status.desired_replicas(r, children).items():
+        if children.get(component) is not None and status.ready_replicas(children.get(component)) < wanted:
             pods[component] = await kube.list_objects("Pod", r.namespace, names.label_selector(r.name, component))
     return pods
 

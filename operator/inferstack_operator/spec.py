@@ -65,6 +65,25 @@ class PodOptions:
 
 
 @dataclass(frozen=True)
+class WorkerAutoscaling:
+    """spec.worker.autoscaling: KEDA scales the workers on the request queue."""
+
+    min_replicas: int
+    max_replicas: int
+    target_queue_length: int  # queued requests per worker replica before KEDA adds one
+    cooldown_s: int
+
+
+@dataclass(frozen=True)
+class WebAutoscaling:
+    """spec.web.autoscaling: a HorizontalPodAutoscaler scales the web tier on CPU."""
+
+    min_replicas: int
+    max_replicas: int
+    target_cpu_percent: int
+
+
+@dataclass(frozen=True)
 class Resolved:
     """The spec with defaults applied and values checked, plus where it lives."""
 
@@ -98,6 +117,9 @@ class Resolved:
     web: PodOptions
     worker: PodOptions
     redis: PodOptions
+    worker_autoscaling: WorkerAutoscaling | None = None
+    web_autoscaling: WebAutoscaling | None = None
+    monitoring: bool = False
 
     @property
     def claims(self) -> list[str]:
@@ -244,6 +266,49 @@ def _pod_options(section: Mapping[str, Any], where: str, *, image: bool = True, 
     )
 
 
+def _min_max(section: Mapping[str, Any], where: str, lo: int, default_min: int) -> tuple[int, int]:
+    if section.get("maxReplicas") is None:
+        raise SpecError(f"{where}.maxReplicas is required: the most replicas the autoscaler may run")
+    low = _int(section, "minReplicas", where, default_min, lo, 1000)
+    high = _int(section, "maxReplicas", where, 1, 1, 1000)
+    if low > high:
+        raise SpecError(f"{where}.minReplicas ({low}) must not exceed {where}.maxReplicas ({high})")
+    return low, high
+
+
+def _worker_autoscaling(worker: Mapping[str, Any], batch_size: int) -> WorkerAutoscaling | None:
+    where = "spec.worker.autoscaling"
+    if worker.get("autoscaling") is None:
+        return None
+    section = _section(worker, "autoscaling", "spec.worker")
+    low, high = _min_max(section, where, 0, 1)
+    return WorkerAutoscaling(
+        min_replicas=low,
+        max_replicas=high,
+        # Two full batches waiting per worker: one more worker would fill its first batch at once.
+        target_queue_length=_int(section, "targetQueueLength", where, 2 * batch_size, 1, 1_000_000),
+        cooldown_s=_int(section, "cooldownSeconds", where, 300, 0, 86400),
+    )
+
+
+def _web_autoscaling(web: Mapping[str, Any]) -> WebAutoscaling | None:
+    where = "spec.web.autoscaling"
+    if web.get("autoscaling") is None:
+        return None
+    section = _section(web, "autoscaling", "spec.web")
+    # A HorizontalPodAutoscaler cannot go below 1 (HPAScaleToZero is an alpha feature gate).
+    low, high = _min_max(section, where, 1, 1)
+    return WebAutoscaling(min_replicas=low, max_replicas=high,
+                          target_cpu_percent=_int(section, "targetCPUUtilization", where, 70, 1, 1000))
+
+
+def _monitoring(spec: Mapping[str, Any]) -> bool:
+    enabled = _section(spec, "monitoring").get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise SpecError(f"spec.monitoring.enabled must be true or false, got {enabled!r}")
+    return enabled
+
+
 def _pull_secrets(spec: Mapping[str, Any]) -> tuple[str, ...]:
     value = spec.get("imagePullSecrets") or []
     if not isinstance(value, list):
@@ -333,4 +398,7 @@ def resolve(name: str, namespace: str, spec: Mapping[str, Any] | None,
         web=_pod_options(web, "spec.web"),
         worker=worker_options,
         redis=_pod_options(redis, "spec.redis", image=False),  # the operator's Redis image only
+        worker_autoscaling=_worker_autoscaling(worker, _int(worker, "batchSize", "spec.worker", 32, 1, 1024)),
+        web_autoscaling=_web_autoscaling(web),
+        monitoring=_monitoring(spec),
     )

@@ -24,10 +24,31 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _ready(child: Mapping[str, Any] | None) -> int:
+AUTOSCALING = "Autoscaling"
+
+
+def ready_replicas(child: Mapping[str, Any] | None) -> int:
     if not child:
         return 0
     return int((child.get("status") or {}).get("readyReplicas") or 0)
+
+
+def desired_replicas(resolved: Resolved, children: Mapping[str, Mapping[str, Any] | None]) -> dict[str, int]:
+    """Pods each tier should have: the spec's count, or for an autoscaled tier the count its
+    autoscaler last set on the live Deployment (the API server defaults a missing one to 1)."""
+    def live(component: str, fixed: int, scaled: bool) -> int:
+        child = children.get(component)
+        if not scaled or child is None:
+            return fixed
+        return int((child.get("spec") or {}).get("replicas", 1))
+
+    web_min = resolved.web_autoscaling.min_replicas if resolved.web_autoscaling else resolved.web_replicas
+    worker_min = resolved.worker_autoscaling.min_replicas if resolved.worker_autoscaling else resolved.worker_replicas
+    return {
+        WEB: live(WEB, web_min, resolved.web_autoscaling is not None),
+        WORKER: live(WORKER, worker_min, resolved.worker_autoscaling is not None),
+        REDIS: 1,
+    }
 
 
 def condition(
@@ -103,6 +124,7 @@ def compute_status(
     pods: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     problem: tuple[str, str] | None = None,
     notes: Sequence[str] = (),
+    autoscaling: tuple[bool, str, str] | None = None,
     now: str | None = None,
 ) -> dict[str, Any]:
     """The InferenceService's status; ``observedGeneration`` is ``generation`` on every path.
@@ -113,6 +135,10 @@ def compute_status(
     needs). Available: at least one web, worker and Redis pod is ready, so /predict answers.
     ``problem`` (reason, message) forces Ready=False, e.g. a child the operator cannot update.
     ``notes`` (settings the operator overrides) are appended to the Ready message.
+    ``autoscaling`` (status, reason, message) is the Autoscaling condition; None keeps the
+    previous one while a tier is autoscaled (a child event does not ask whether KEDA is served).
+    An autoscaled tier wants as many pods as its autoscaler set; workers scaled to zero by KEDA
+    are Ready (a queued request starts one) and Available when web and Redis are.
     """
     prev_conditions = list((previous or {}).get("conditions") or [])
     if resolved is None:
@@ -125,30 +151,34 @@ def compute_status(
             ],
         }
     children = children or {}
-    web_ready, worker_ready = _ready(children.get(WEB)), _ready(children.get(WORKER))
-    redis_ready = _ready(children.get(REDIS)) >= 1
-    web_ok = web_ready >= resolved.web_replicas
-    worker_ok = worker_ready >= resolved.worker_replicas
+    web_ready, worker_ready = ready_replicas(children.get(WEB)), ready_replicas(children.get(WORKER))
+    redis_ready = ready_replicas(children.get(REDIS)) >= 1
+    desired = desired_replicas(resolved, children)
+    web_ok = web_ready >= desired[WEB]
+    worker_ok = worker_ready >= desired[WORKER]
+    idle = resolved.worker_autoscaling is not None and desired[WORKER] == 0
 
     if problem:
         reason, message = problem
         ready = False
-    elif resolved.web_replicas == 0 or resolved.worker_replicas == 0:
+    elif (resolved.web_autoscaling is None and resolved.web_replicas == 0) or \
+            (resolved.worker_autoscaling is None and resolved.worker_replicas == 0):
         ready, reason = False, reasons.SCALED_TO_ZERO
         message = "spec.web.replicas and spec.worker.replicas must both be above 0 to serve requests"
     elif web_ok and worker_ok and redis_ready:
         ready, reason = True, reasons.ALL_REPLICAS_READY
-        message = (f"{web_ready} web and {worker_ready} worker pods ready; "
-                   f"serving {resolved.model_display}")
+        workers = "workers scaled to zero (a queued request starts one)" if idle \
+            else f"{worker_ready} worker pods ready"
+        message = f"{web_ready} web pods ready, {workers}; serving {resolved.model_display}"
     else:
         ready, reason = False, reasons.PROGRESSING
         waiting = []
         if not redis_ready:
             waiting.append("Redis")
         if not worker_ok:
-            waiting.append(f"workers ({worker_ready}/{resolved.worker_replicas} ready)")
+            waiting.append(f"workers ({worker_ready}/{desired[WORKER]} ready)")
         if not web_ok:
-            waiting.append(f"web ({web_ready}/{resolved.web_replicas} ready)")
+            waiting.append(f"web ({web_ready}/{desired[WEB]} ready)")
         message = "waiting for " + ", ".join(waiting)
         stuck = [text for component in (WORKER, WEB, REDIS) for text in pod_problems((pods or {}).get(component, ()))]
         if stuck:
@@ -157,22 +187,28 @@ def compute_status(
     if notes:
         message += " (note: " + "; ".join(notes) + ")"
 
-    available = web_ready >= 1 and worker_ready >= 1 and redis_ready
+    available = web_ready >= 1 and redis_ready and (worker_ready >= 1 or idle)
+    conditions = [
+        condition(prev_conditions, READY, ready, reason, message, generation, now),
+        condition(prev_conditions, AVAILABLE, available,
+                  reasons.MINIMUM_REPLICAS_READY if available else reasons.NO_SERVING_PATH,
+                  ("web and Redis are ready; requests queue until KEDA starts a worker" if worker_ready == 0
+                   else "at least one web, worker and Redis pod is ready") if available
+                  else "no complete web -> Redis -> worker path is ready yet",
+                  generation, now),
+    ]
+    if autoscaling is not None:
+        conditions.append(condition(prev_conditions, AUTOSCALING, *autoscaling, generation, now))
+    elif resolved.worker_autoscaling or resolved.web_autoscaling:
+        conditions += [dict(c) for c in prev_conditions if c.get("type") == AUTOSCALING]
     return {
         "observedGeneration": generation,
         "url": resolved.url,
         "model": resolved.model_display,
-        "web": _replicas(web_ready, resolved.web_replicas),
-        "worker": _replicas(worker_ready, resolved.worker_replicas),
+        "web": _replicas(web_ready, desired[WEB]),
+        "worker": _replicas(worker_ready, desired[WORKER]),
         "redis": {"ready": redis_ready},
-        "conditions": [
-            condition(prev_conditions, READY, ready, reason, message, generation, now),
-            condition(prev_conditions, AVAILABLE, available,
-                      reasons.MINIMUM_REPLICAS_READY if available else reasons.NO_SERVING_PATH,
-                      "at least one web, worker and Redis pod is ready" if available
-                      else "no complete web -> Redis -> worker path is ready yet",
-                      generation, now),
-        ],
+        "conditions": conditions,
     }
 
 

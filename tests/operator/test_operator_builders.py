@@ -449,18 +449,18 @@ def test_cluster_domain_setting() -> None:
 
 
 def test_registry_builds_optional_children_only_when_their_api_is_served(monkeypatch: pytest.MonkeyPatch) -> None:
-    def scaled_object(r: spec.Resolved, settings: OperatorSettings) -> dict[str, Any] | None:
-        return {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": r.name}} \
+    def widget(r: spec.Resolved, settings: OperatorSettings) -> dict[str, Any] | None:
+        return {"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": r.name}} \
             if r.worker_replicas > 1 else None
 
     monkeypatch.setattr(builders, "CHILDREN", [*builders.CHILDREN,
-                                               builders.Child("ScaledObject", scaled_object, requires="keda.sh/v1alpha1")])
-    assert builders.required_apis() == {"keda.sh/v1alpha1"}
+                                               builders.Child("Widget", widget, requires="example.com/v1")])
+    assert builders.required_apis() == {"example.com/v1", "keda.sh/v1alpha1", "monitoring.coreos.com/v1"}
     r = spec.resolve("demo", "ml", {"worker": {"replicas": 2}})
     kinds = [m["kind"] for _, m in builders.build_children(r, SETTINGS)]
-    assert "ScaledObject" not in kinds and len(kinds) == 6
-    kinds = [m["kind"] for _, m in builders.build_children(r, SETTINGS, served={"keda.sh/v1alpha1"})]
-    assert kinds[-1] == "ScaledObject"
+    assert "Widget" not in kinds and len(kinds) == 6
+    kinds = [m["kind"] for _, m in builders.build_children(r, SETTINGS, served={"example.com/v1"})]
+    assert kinds[-1] == "Widget"
     # A builder returning None: this spec does not want the child.
     one = spec.resolve("demo", "ml", {"worker": {"replicas": 1}})
-    assert "ScaledObject" not in [m["kind"] for _, m in builders.build_children(one, SETTINGS, {"keda.sh/v1alpha1"})]
+    assert "Widget" not in [m["kind"] for _, m in builders.build_children(one, SETTINGS, {"example.com/v1"})]

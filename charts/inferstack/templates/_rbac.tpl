@@ -24,6 +24,17 @@ checks them against the requests the operator's code sends).
 - apiGroups: [""]
   resources: ["services", "configmaps"]
   verbs: ["get", "create", "patch"]
+# Autoscalers (HPA for web, KEDA for workers) and PodMonitors: optional children, deleted again
+# when the spec stops asking for them.
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects", "triggerauthentications"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["podmonitors"]
+  verbs: ["get", "create", "patch", "delete"]
 # pvc:// model locations must exist before the worker is created; read only.
 - apiGroups: [""]
   resources: ["persistentvolumeclaims"]

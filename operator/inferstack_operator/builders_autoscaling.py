@@ -1,0 +1,144 @@
+"""Children that scale and watch the tiers: KEDA for the workers, an HPA for the web tier, PodMonitors.
+
+Pure builders like those in builders.py (each returns None when the spec does not want its
+child). The workers scale on the request queue through KEDA's ``redis-streams`` scaler in its
+consumer-group-lag mode, the only one that scales from zero: ``XINFO GROUPS`` lag counts the
+requests no worker has taken yet, so it is right before any worker ever ran (the web tier
+creates the stream and group at start-up, else the scaler errors), and one queued request
+wakes a zero-replica Deployment (``activationLagCount: "0"``: active when lag > 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from inferstack_operator.config import OperatorSettings
+from inferstack_operator.names import REDIS_PORT, WEB, WORKER, labels, redis_name, selector_labels, web_name, worker_name
+from inferstack_operator.spec import Resolved
+
+Manifest = dict[str, Any]
+
+KEDA_API = "keda.sh/v1alpha1"
+MONITORING_API = "monitoring.coreos.com/v1"
+# The request stream and consumer group (inferstack/protocol.py: Keys(prefix).stream, GROUP).
+QUEUE_PREFIX = "inferstack"
+REQUEST_STREAM = f"{QUEUE_PREFIX}:requests"
+CONSUMER_GROUP = "workers"
+# Worker container i serves Prometheus metrics on METRICS_PORT + i (one process per GPU).
+METRICS_PORT = 9102
+# How often KEDA reads the lag: the wait before a zero-replica Deployment starts scaling up.
+POLLING_INTERVAL_S = 5
+# Issue 9's Secret: the user KEDA logs in to Redis as (read-only XINFO/XLEN/XPENDING).
+KEDA_USERNAME_KEY = "keda-username"
+KEDA_PASSWORD_KEY = "keda-password"
+
+
+def redis_auth_name(name: str) -> str:
+    return f"{name}-redis-auth"
+
+
+def _meta(obj_name: str, r: Resolved, component: str) -> dict[str, Any]:
+    return {"name": obj_name, "namespace": r.namespace, "labels": labels(r.name, component)}
+
+
+def without_keda(r: Resolved) -> Resolved:
+    """The spec as served when KEDA is not installed: fixed workers at max(minReplicas, 1)."""
+    if r.worker_autoscaling is None:
+        return r
+    return replace(r, worker_autoscaling=None, worker_replicas=max(r.worker_autoscaling.min_replicas, 1))
+
+
+def build_trigger_authentication(r: Resolved, settings: OperatorSettings) -> Manifest | None:
+    if r.worker_autoscaling is None:
+        return None
+    secret = redis_auth_name(r.name)
+    return {
+        "apiVersion": KEDA_API,
+        "kind": "TriggerAuthentication",
+        "metadata": _meta(worker_name(r.name), r, WORKER),
+        "spec": {"secretTargetRef": [
+            {"parameter": "username", "name": secret, "key": KEDA_USERNAME_KEY},
+            {"parameter": "password", "name": secret, "key": KEDA_PASSWORD_KEY},
+        ]},
+    }
+
+
+def build_scaled_object(r: Resolved, settings: OperatorSettings) -> Manifest | None:
+    scaling = r.worker_autoscaling
+    if scaling is None:
+        return None
+    address = f"{redis_name(r.name)}.{r.namespace}.svc.{r.cluster_domain}:{REDIS_PORT}"
+    return {
+        "apiVersion": KEDA_API,
+        "kind": "ScaledObject",
+        "metadata": _meta(worker_name(r.name), r, WORKER),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": worker_name(r.name)},
+            "minReplicaCount": scaling.min_replicas,
+            "maxReplicaCount": scaling.max_replicas,
+            "pollingInterval": POLLING_INTERVAL_S,
+            "cooldownPeriod": scaling.cooldown_s,  # queue empty this long: down to minReplicaCount
+            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": {
+                # Same patience when going down between 1 and N (the HPA's own default is 300 s).
+                "scaleDown": {"stabilizationWindowSeconds": scaling.cooldown_s},
+            }}},
+            "triggers": [{
+                "type": "redis-streams",
+                "metadata": {
+                    "address": address,
+                    "databaseIndex": "0",
+                    "stream": REQUEST_STREAM,
+                    "consumerGroup": CONSUMER_GROUP,
+                    "lagCount": str(scaling.target_queue_length),
+                    "activationLagCount": "0",
+                },
+                "authenticationRef": {"name": worker_name(r.name)},
+            }],
+        },
+    }
+
+
+def build_web_hpa(r: Resolved, settings: OperatorSettings) -> Manifest | None:
+    scaling = r.web_autoscaling
+    if scaling is None:
+        return None
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": _meta(web_name(r.name), r, WEB),
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": web_name(r.name)},
+            "minReplicas": scaling.min_replicas,
+            "maxReplicas": scaling.max_replicas,
+            "metrics": [{"type": "Resource", "resource": {
+                "name": "cpu", "target": {"type": "Utilization", "averageUtilization": scaling.target_cpu_percent}}}],
+        },
+    }
+
+
+def _pod_monitor(r: Resolved, component: str, endpoints: list[dict[str, Any]]) -> Manifest | None:
+    if not r.monitoring:
+        return None
+    return {
+        "apiVersion": MONITORING_API,
+        "kind": "PodMonitor",
+        "metadata": _meta(f"{r.name}-{component}", r, component),
+        "spec": {
+            "selector": {"matchLabels": selector_labels(r.name, component)},
+            "podMetricsEndpoints": endpoints,
+        },
+    }
+
+
+def metrics_port_name(index: int) -> str:
+    return "metrics" if index == 0 else f"metrics-gpu{index}"
+
+
+def build_web_pod_monitor(r: Resolved, settings: OperatorSettings) -> Manifest | None:
+    return _pod_monitor(r, WEB, [{"port": "http", "path": "/metrics", "interval": "15s"}])
+
+
+def build_worker_pod_monitor(r: Resolved, settings: OperatorSettings) -> Manifest | None:
+    return _pod_monitor(r, WORKER, [{"port": metrics_port_name(i), "path": "/metrics", "interval": "15s"}
+                                    for i in range(max(r.gpu, 1))])
