@@ -36,6 +36,8 @@ RESOURCES: dict[str, dict[str, Any]] = {
         subresources={"status"}),
     "apps/v1/deployments": dict(kind="Deployment", singular="deployment", namespaced=True,
                                 subresources={"status", "scale"}),
+    "autoscaling/v2/horizontalpodautoscalers": dict(kind="HorizontalPodAutoscaler", singular="horizontalpodautoscaler",
+                                                    namespaced=True, subresources={"status"}),
     "apps/v1/statefulsets": dict(kind="StatefulSet", singular="statefulset", namespaced=True,
                                  subresources={"status", "scale"}),
     "v1/services": dict(kind="Service", singular="service", namespaced=True, subresources={"status"}),
