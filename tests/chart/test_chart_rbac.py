@@ -80,6 +80,9 @@ def to_perm(method: str, path: str, query: dict[str, str]) -> tuple[str | None, 
     return m["ns"], (group, resource, verb)
 
 
+DISCOVERY = re.compile(r"^/(api/v1|apis/[^/]+/[^/]+)$")
+
+
 class FakeAPI:
     """Stores what it is sent; GET answers from the store (or 404), like an API server would."""
 
@@ -91,6 +94,9 @@ class FakeAPI:
 
     async def handle(self, request: web.Request) -> web.Response:
         path = request.path
+        if request.method == "GET" and DISCOVERY.match(path):
+            # Every optional API is served; discovery needs no RBAC (system:discovery).
+            return web.json_response({"kind": "APIResourceList", "groupVersion": path.split("/apis/")[-1]})
         self.requests.append((request.method, path, dict(request.query)))
         if request.method == "PATCH" and not path.endswith("/status") and path not in self.objects:
             # A server-side apply that creates the object is authorized as create too.
@@ -131,7 +137,7 @@ async def exercise(example: dict) -> list[tuple[str, str, dict[str, str]]]:
         # Hand-edit every Deployment: the next pass must re-apply them (server-side apply).
         for path, obj in api.objects.items():
             if obj.get("kind") == "Deployment":
-                obj["spec"]["replicas"] = 42
+                obj["spec"]["revisionHistoryLimit"] = 42
         second = await reconcile.reconcile(body, kube, settings)
         assert second.updated, "drift was not repaired"
         # A child's status changed: the watch handler reads the owner and its children, writes status.

@@ -95,7 +95,8 @@ def test_schema_is_structural() -> None:
     walk(SCHEMA, "")
 
 
-@pytest.mark.parametrize("filename", ["resnet50-gpu.yaml", "cpu-small.yaml", "custom-model.yaml"])
+@pytest.mark.parametrize("filename", ["resnet50-gpu.yaml", "cpu-small.yaml", "custom-model.yaml",
+                                      "resnet50-autoscaled.yaml"])
 def test_examples_are_admitted(filename: str) -> None:
     body = yaml.safe_load((EXAMPLES / filename).read_text())
     assert body["apiVersion"] == "inferstack.dev/v1alpha1" and body["kind"] == "InferenceService"
