@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from inferstack_operator.config import OperatorSettings
+from inferstack_operator.config import LABEL_COMPONENT, LABEL_INSTANCE, OperatorSettings
 from inferstack_operator.names import REDIS_PORT, WEB, WORKER, labels, redis_name, selector_labels, web_name, worker_name
 from inferstack_operator.spec import Resolved
 
@@ -126,6 +126,8 @@ def _pod_monitor(r: Resolved, component: str, endpoints: list[dict[str, Any]]) -
         "metadata": _meta(f"{r.name}-{component}", r, component),
         "spec": {
             "selector": {"matchLabels": selector_labels(r.name, component)},
+            # As series labels (app_kubernetes_io_instance, ...): the dashboard selects a service by them.
+            "podTargetLabels": [LABEL_INSTANCE, LABEL_COMPONENT],
             "podMetricsEndpoints": endpoints,
         },
     }

@@ -26,6 +26,7 @@ CASES: dict[str, dict] = {
                           "spec": {"web": {"replicas": 2}, "worker": {"replicas": 1, "gpu": 1, "batchSize": 16},
                                    "service": {"type": "ClusterIP", "port": 8000}}}},
     "namespaced": {"watchNamespaces": ["team-a", "team-b"]},
+    "dashboard": {"grafanaDashboard": {"enabled": True}},
     "custom-images": {
         "image": {"repository": "registry.example.com/ml/operator", "tag": "1.2.3", "pullPolicy": "Always"},
         "images": {
