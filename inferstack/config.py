@@ -58,6 +58,12 @@ class Settings:
     ready_file: str | None = None
     web_processes: int = 2
     web_threads: int = 32
+    # The model's name in the Open Inference Protocol (v2) API; empty means derived from `model`.
+    model_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            object.__setattr__(self, "model_name", default_model_name(self.model))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -80,4 +86,14 @@ class Settings:
             ready_file=env.get("INFERSTACK_READY_FILE") or None,
             web_processes=_int(env, "INFERSTACK_WEB_PROCESSES", cls.web_processes, 1, 64),
             web_threads=_int(env, "INFERSTACK_WEB_THREADS", cls.web_threads, 1, 1024),
+            model_name=(env.get("INFERSTACK_MODEL_NAME") or "").strip(),
         )
+
+
+def default_model_name(model: str) -> str:
+    """`ResNet50` -> `resnet50`; `/models/flowers.keras` -> `flowers`."""
+    stem = os.path.basename(model.rstrip("/\\")) or model
+    for suffix in (".keras", ".h5"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return stem.lower()
