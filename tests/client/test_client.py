@@ -133,9 +133,13 @@ def test_503_is_retried_after_retry_after(make_stack, digits_model, folder, tmp_
     busy = make_stack(workers=1, env=digits_env(digits_model, INFERSTACK_MAX_QUEUE="1"))
     files = sorted(folder["truth"])[:40]
     out = tmp_path / "busy.jsonl"
+    t0 = time.monotonic()
     done = subprocess.run([CLI, "classify", *files, "--url", busy.url, "--out", str(out), "--concurrency", "8",
                            "--retries", "100"], capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - t0
     assert done.returncode == 0, done.stderr
+    # The server says Retry-After: 1; a client that honours it spends at least that long waiting.
+    assert elapsed >= 1.0
     assert sorted(r["path"] for r in read_lines(out)) == files
     assert all("predictions" in r for r in read_lines(out))
     metrics = requests.get(busy.url + "/metrics", timeout=10).text
