@@ -119,6 +119,9 @@ def create_blueprint(settings: Settings, queue: WebQueue, inference: Inference, 
         outputs = _requested_outputs(header)
         # The top-k the worker computes is not used here: the full vector answers both outputs.
         results = inference.run(images, 1, started, probabilities=True)
+        if any(r.probabilities is None for r in results):
+            # A worker from before this API (mid-rollout) ignores the request for the full vector.
+            raise Unavailable("A worker without v2 support answered; retry shortly.", 1)
         probs = np.stack([r.probabilities for r in results]).astype(np.float32)
         labels = model_info.get().get("labels")
         if labels is not None and len(labels) != probs.shape[1]:
