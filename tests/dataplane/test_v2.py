@@ -267,7 +267,7 @@ def test_v2_queue_full_503_timeout_504_and_model_not_ready_without_workers(make_
         try:
             if requests.get(stack.url + "/healthz", timeout=1).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # gunicorn accepts before its workers boot
             time.sleep(0.1)
     assert requests.get(stack.url + "/v2/health/ready", timeout=5).status_code == 200  # can queue work
     not_ready = requests.get(f"{stack.url}/v2/models/{MODEL}/ready", timeout=5)
