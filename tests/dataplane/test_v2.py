@@ -20,6 +20,7 @@ from tritonclient.utils import InferenceServerException
 
 from inferstack.config import Settings
 from inferstack.imaging import decode_image
+from inferstack.protocol import WebQueue, decode_probabilities
 from tests.conftest import DIGIT_LABELS, DIGIT_SIZE, digits_env, jpeg_bytes, png_bytes
 
 MAX_BYTES = 200_000
@@ -288,3 +289,15 @@ def test_v2_queue_full_503_timeout_504_and_model_not_ready_without_workers(make_
         assert list(full.json()) == ["error"] and "queue full" in full.json()["error"]
         timed_out = waiting.result()
     assert timed_out.status_code == 504 and list(timed_out.json()) == ["error"]
+
+
+def test_worker_sends_the_full_vector_only_when_asked(stack, uploads):
+    # /predict stays as cheap as before: its replies carry the top k only.
+    queue = WebQueue(stack.env["INFERSTACK_REDIS_URL"], "inferstack", max_queue=100, timeout_s=30)
+    pixels = decode_image(uploads[0], (DIGIT_SIZE, DIGIT_SIZE))
+    plain = queue.wait(queue.submit(pixels, 3))
+    full = queue.wait(queue.submit(pixels, 3, probabilities=True))
+    assert "probabilities" not in plain and len(plain["predictions"]) == 3
+    probs = decode_probabilities(full["probabilities"])
+    assert probs.dtype == np.float32 and probs.shape == (len(DIGIT_LABELS),)
+    assert [p["probability"] for p in full["predictions"]] == sorted(probs.tolist(), reverse=True)[:3]
