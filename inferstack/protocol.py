@@ -14,7 +14,7 @@ Keys, for prefix P:
   P:reply:<id>      list holding one JSON reply: {"ok", "predictions", "model", "probabilities"?}
                     or {"ok": false, "error"}; "probabilities" is base64 of float32 little-endian
   P:workers         sorted set: worker name -> heartbeat expiry (unix seconds, server clock)
-  P:model           JSON describing the model the workers serve (input size, classes)
+  P:model           JSON describing the model the workers serve (input size, classes, labels)
   P:arrivals        pub/sub channel, one message per enqueue: wakes workers filling a batch
                     (Redis blocking-command timeouts tick at server.hz, ~100 ms: too coarse for
                     a 5 ms batch window, so the window is timed on the worker's side)
