@@ -67,6 +67,29 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. t[1])
 return redis.call('ZRANGE', KEYS[1], 0, -1)
 """
 
+# Drop answered entries from the stream: everything older than the oldest entry still pending,
+# or, with nothing pending, everything the group has read. Trimming from the head (XTRIM MINID)
+# keeps the group's lag exact; XDEL of an entry above the oldest pending one (workers finishing
+# out of order) makes Redis report the lag as NULL, which KEDA reads as 0. ARGV[1]: the group.
+_TRIM_ANSWERED = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1])
+local floor = false
+if p[1] > 0 then
+  floor = p[2]
+else
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local f = {}
+    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+    if f['name'] == ARGV[1] then
+      local ms, seq = string.match(f['last-delivered-id'], '^(%d+)-(%d+)$')
+      floor = ms .. '-' .. string.format('%.0f', tonumber(seq) + 1)
+    end
+  end
+end
+if floor then return redis.call('XTRIM', KEYS[1], 'MINID', floor) end
+return 0
+"""
+
 _NOW_MS = """
 local t = redis.call('TIME')
 return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -118,6 +141,16 @@ class Keys:
         return f"{self.prefix}:reply:{request_id}"
 
 
+def ensure_group(client: redis.Redis, stream: str) -> None:
+    """The consumer group on the request stream (and the stream), idempotently."""
+    try:
+        # Id 0, not $: requests queued before the first worker came up must be served.
+        client.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    except redis.ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 class WebQueue:
     """What a web process does: enqueue a request and wait for its reply."""
 
@@ -163,6 +196,11 @@ class WebQueue:
         raw = self.fast.get(self.keys.model)
         return json.loads(raw) if raw else None
 
+    def ensure_group(self) -> None:
+        """Create the stream and the workers' group if missing: KEDA reads the group's lag to
+        start the first worker, so both must exist before any worker ever ran."""
+        ensure_group(self.fast, self.keys.stream)
+
 
 class WorkerQueue:
     """What a worker does: heartbeat, take batches, reclaim a dead worker's requests, reply."""
@@ -175,17 +213,13 @@ class WorkerQueue:
         self._heartbeat = self.redis.register_script(_HEARTBEAT)
         self._live = self.redis.register_script(_LIVE_WORKERS)
         self._now = self.redis.register_script(_NOW_MS)
+        self._trim = self.redis.register_script(_TRIM_ANSWERED)
         self._own_backlog_checked = False
         self._arrivals: redis.client.PubSub | None = None
         self._last_batch = 0
 
     def ensure_group(self) -> None:
-        try:
-            # Id 0, not $: requests queued before the first worker came up must be served.
-            self.redis.xgroup_create(self.keys.stream, GROUP, id="0", mkstream=True)
-        except redis.ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        ensure_group(self.redis, self.keys.stream)
 
     def heartbeat(self, model_info: dict[str, Any] | None = None) -> None:
         info = json.dumps(model_info) if model_info else ""
@@ -312,7 +346,7 @@ class WorkerQueue:
                 ttl_s = max(1, (req.deadline_ms - now_ms) // 1000) + REPLY_GRACE_S
                 pipe.expire(key, ttl_s)
             pipe.xack(self.keys.stream, GROUP, req.entry_id)
-            pipe.xdel(self.keys.stream, req.entry_id)
+        self._trim(keys=[self.keys.stream], args=[GROUP], client=pipe)
         pipe.execute()
 
 

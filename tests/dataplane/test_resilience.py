@@ -116,7 +116,8 @@ def test_queue_full_503_and_timeout_504_without_workers(make_stack, digits_model
                 break
         except (requests.ConnectionError, requests.Timeout):  # gunicorn accepts before its workers boot
             time.sleep(0.1)
-    assert requests.get(stack.url + "/readyz", timeout=5).status_code == 503  # no worker
+    # No worker, still ready: requests queue (and would start a worker under KEDA).
+    assert requests.get(stack.url + "/readyz", timeout=5).json() == {"ready": True, "workers": 0}
     upload = png_bytes(digits_model["x_test"][0])
     r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
     with ThreadPoolExecutor(2) as pool:

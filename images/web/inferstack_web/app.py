@@ -56,6 +56,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Room for the images base64-encoded in JSON; the images themselves are held to max_image_bytes.
     app.config["MAX_CONTENT_LENGTH"] = (settings.max_image_bytes + 2) // 3 * 4 + MULTIPART_SLACK
     queue = WebQueue(settings.redis_url, settings.queue_prefix, settings.max_queue, settings.request_timeout_s)
+    try:
+        queue.ensure_group()  # before any worker: KEDA starts the first one from the group's lag
+    except redis.RedisError as exc:
+        log.warning("could not create the request stream yet (%s); /readyz retries", exc)
     model_info = ModelInfo(queue)
     inference = Inference(settings, queue, model_info)
     app.extensions["inferstack"] = {"settings": settings, "queue": queue}
@@ -113,14 +117,13 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/readyz")
     def readyz() -> Response:
+        # Ready = this pod can queue work, whether or not a worker runs now (workers may be
+        # scaled to zero: a queued request is what brings one back). The body says how many run.
         try:
-            workers = queue.live_workers()  # a round trip: also proves Redis answers
+            queue.ensure_group()  # also after a Redis restart that lost the stream
+            workers = queue.live_workers()
         except redis.RedisError as exc:
             resp = jsonify(ready=False, reason=f"Redis unreachable: {exc}")
-            resp.status_code = 503
-            return resp
-        if not workers:
-            resp = jsonify(ready=False, reason="no live worker has a current heartbeat")
             resp.status_code = 503
             return resp
         return jsonify(ready=True, workers=len(workers))

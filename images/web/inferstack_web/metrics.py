@@ -36,13 +36,14 @@ def render(queue_depth: int | None, live_workers: int | None) -> bytes:
     ]
     if queue_depth is not None:
         extra += [
-            "# HELP inferstack_queue_depth Requests queued or in flight in Redis",
+            "# HELP inferstack_queue_depth Requests queued or in flight in Redis; every web pod reports the same "
+            "value, so aggregate with max(), not sum()",
             "# TYPE inferstack_queue_depth gauge",
             f"inferstack_queue_depth {queue_depth}",
         ]
     if live_workers is not None:
         extra += [
-            "# HELP inferstack_live_workers Workers with a current heartbeat",
+            "# HELP inferstack_live_workers Workers with a current heartbeat (same on every web pod: use max())",
             "# TYPE inferstack_live_workers gauge",
             f"inferstack_live_workers {live_workers}",
         ]

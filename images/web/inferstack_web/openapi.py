@@ -288,7 +288,7 @@ def document(settings: Settings) -> dict[str, Any]:
         "/healthz": {"get": {"summary": "Process alive", "responses": {"200": _json({"type": "object"}, "Alive")}}},
         "/readyz": {
             "get": {
-                "summary": "Redis reachable and workers live",
+                "summary": "This pod can queue work (Redis reachable); the body counts live workers",
                 "responses": {"200": _json(_ref("Ready"), "Ready"), "503": _json(_ref("Ready"), "Not ready")},
             }
         },

@@ -37,6 +37,9 @@ def main() -> None:
 
     queue = WorkerQueue(settings.redis_url, settings.queue_prefix, settings.worker_name or default_worker_name())
     worker = Worker(settings, classifier, queue)
+    if settings.metrics_port:
+        worker.metrics.serve(settings.metrics_port)
+        log.info("metrics on :%d/metrics", settings.metrics_port)
     worker.install_signal_handlers()
     worker.run()
 

@@ -16,6 +16,7 @@ import redis
 from inferstack.config import Settings
 from inferstack.protocol import MAX_DELIVERIES, Request, WorkerQueue, encode_probabilities
 
+from .metrics import WorkerMetrics
 from .model import Classifier
 
 log = logging.getLogger("inferstack.worker")
@@ -32,6 +33,7 @@ class Worker:
         self.stopping = threading.Event()
         self.ready_file = Path(settings.ready_file) if settings.ready_file else None
         self.served = 0
+        self.metrics = WorkerMetrics(settings.model_name)
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: Any) -> None:
@@ -77,6 +79,7 @@ class Worker:
                         batch = self.queue.reclaim_from_dead(self.settings.batch_size)
                         if batch:
                             log.warning("reclaimed %d request(s) from dead worker(s)", len(batch))
+                            self.metrics.reclaimed.inc(len(batch))
                     if not batch:
                         t_take = time.perf_counter()
                         batch = self.queue.take_batch(self.settings.batch_size, self.settings.max_batch_delay_ms)
@@ -104,6 +107,7 @@ class Worker:
     def process(self, batch: list[Request]) -> None:
         t0 = time.perf_counter()
         now_ms = self.queue.now_ms()
+        self.metrics.taken([r.entry_id for r in batch if r.deliveries == 1], now_ms)
         results: list[tuple[Request, dict[str, Any] | None]] = []
         live: list[Request] = []
         for req in batch:
@@ -115,9 +119,12 @@ class Worker:
             else:
                 live.append(req)
         if live:
+            t_infer = time.perf_counter()
             results += self._infer(live)
+            self.metrics.batch(len(live), time.perf_counter() - t_infer)
         t1 = time.perf_counter()
         self.queue.complete(results, now_ms)
+        self.metrics.answered(reply for _, reply in results)
         self.served += len(live)
         log.debug("batch of %d: inference %.1f ms, total %.1f ms", len(live), (t1 - t0) * 1000,
                   (time.perf_counter() - t0) * 1000)
