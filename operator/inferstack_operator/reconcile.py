@@ -78,6 +78,9 @@ async def check_claims(kube: KubeClient, r: spec.Resolved) -> None:
                 f"{r.namespace!r}; create it with the model files, or fix the pvc:// location", delay=30)
 
 
+SCALE_FROM_ZERO_TIMEOUT_S = 120
+
+
 def autoscaling_condition(r: spec.Resolved, served: set[str]) -> tuple[bool, str, str] | None:
     if r.worker_autoscaling is None and r.web_autoscaling is None:
         return None
@@ -95,6 +98,10 @@ def autoscaling_condition(r: spec.Resolved, served: set[str]) -> tuple[bool, str
         a2 = r.worker_autoscaling
         parts.insert(0, f"KEDA keeps workers between {a2.min_replicas} and {a2.max_replicas} pods, one per "
                         f"{a2.target_queue_length} queued requests")
+        if a2.min_replicas == 0 and r.request_timeout_s < SCALE_FROM_ZERO_TIMEOUT_S:
+            # A worker's start (pull, model load, warm-up) takes ~30 s on CPU: the first request would time out.
+            parts.append(f"note: spec.web.requestTimeoutSeconds ({r.request_timeout_s}) is short for a request that "
+                         f"waits for a worker to start from zero; {SCALE_FROM_ZERO_TIMEOUT_S} or more is safer")
     return True, reasons.AUTOSCALING_ACTIVE, "; ".join(parts)
 
 

@@ -212,3 +212,10 @@ def test_keda_missing_does_not_fail_the_service() -> None:
     cond = _conditions(st)
     assert cond["Ready"]["status"] == "True"
     assert (cond["Autoscaling"]["status"], cond["Autoscaling"]["reason"]) == ("False", "KEDANotInstalled")
+
+
+def test_scale_to_zero_with_a_short_request_timeout_is_pointed_out() -> None:
+    short = spec.resolve("demo", "ml", AUTOSCALED)
+    assert "requestTimeoutSeconds (30) is short" in reconcile.autoscaling_condition(short, {KEDA})[2]
+    long = spec.resolve("demo", "ml", {**AUTOSCALED, "web": {"requestTimeoutSeconds": 180}})
+    assert "requestTimeoutSeconds" not in reconcile.autoscaling_condition(long, {KEDA})[2]
