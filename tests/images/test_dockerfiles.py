@@ -197,7 +197,7 @@ def test_worker_requirements(tmp_path: Path) -> None:
     reqs = requirements_from(WORKER, tmp_path)
     expected = [Requirement(r) for r in project()["dependencies"] + project()["optional-dependencies"]["worker"]]
     assert names(reqs) == names(expected)
-    assert {"keras", "tensorflow-cpu"} <= names(reqs)
+    assert {"keras", "tensorflow-cpu", "prometheus-client"} <= names(reqs)
 
 
 def test_gpu_worker_requirements(tmp_path: Path) -> None:
