@@ -38,6 +38,17 @@ def _float(env: Mapping[str, str], name: str, default: float, lo: float) -> floa
     return value
 
 
+RUNTIMES = ("auto", "keras", "openvino")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -58,6 +69,11 @@ class Settings:
     ready_file: str | None = None
     web_processes: int = 2
     web_threads: int = 32
+    # auto: OpenVINO on CPU when installed, Keras on GPU; precision auto: see the README runtime table.
+    runtime: str = "auto"
+    precision: str = "auto"
+    calibration_dir: str | None = None
+    cache_dir: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -80,4 +96,8 @@ class Settings:
             ready_file=env.get("INFERSTACK_READY_FILE") or None,
             web_processes=_int(env, "INFERSTACK_WEB_PROCESSES", cls.web_processes, 1, 64),
             web_threads=_int(env, "INFERSTACK_WEB_THREADS", cls.web_threads, 1, 1024),
+            runtime=_choice(env, "INFERSTACK_RUNTIME", cls.runtime, RUNTIMES),
+            precision=_choice(env, "INFERSTACK_PRECISION", cls.precision, PRECISIONS),
+            calibration_dir=env.get("INFERSTACK_CALIBRATION_DIR") or None,
+            cache_dir=env.get("INFERSTACK_CACHE_DIR") or None,
         )
