@@ -4,6 +4,9 @@ guard over HTTP (each runtime/precision within 0.5 points of Keras fp32 on the d
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -184,3 +187,13 @@ def test_accuracy_over_http_within_half_a_point_of_keras_fp32(served_classes, ru
     assert abs(r["accuracy"] - base["accuracy"]) <= 0.005
     if precision == "bf16":
         assert r["agreement"] >= 0.99
+
+
+def test_worker_refuses_int8_without_calibration_images_and_says_why(digits_model):
+    env = {**os.environ, **digits_env(digits_model), "INFERSTACK_RUNTIME": "openvino", "INFERSTACK_PRECISION": "int8",
+           "INFERSTACK_REDIS_URL": "redis://127.0.0.1:9/0"}
+    env.pop("INFERSTACK_CALIBRATION_DIR", None)
+    proc = subprocess.run([sys.executable, "-m", "inferstack_worker.cli"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "INFERSTACK_PRECISION=int8 needs calibration images: set INFERSTACK_CALIBRATION_DIR" in proc.stderr

@@ -145,21 +145,22 @@ class Classifier:
                 "runtime": self.runtime, "precision": self.precision}
 
 
-def _check_shapes(name: str, input_shape: tuple[Any, ...], classes: int, labels: list[str]) -> tuple[int, int, int]:
+def _input_shape(name: str, input_shape: Any) -> tuple[int, int, int]:
     if isinstance(input_shape, list):
         raise ConfigError(f"model {name!r} has several inputs; an image classifier needs exactly one")
     _, h, w, c = input_shape
     shape = (h or 224, w or 224, c or 3)
     if shape[2] not in (1, 3):
         raise ConfigError(f"model {name!r} expects {shape[2]} channels; only 1 or 3 are supported")
-    if classes != len(labels):
-        raise ConfigError(f"the labels list has {len(labels)} entries but model {name!r} outputs {classes} classes")
     return shape
 
 
-def _labels(settings: Settings, classes: int) -> list[str]:
+def _labels(settings: Settings, name: str, classes: int) -> list[str]:
     if settings.labels:
-        return read_labels(settings.labels)
+        labels = read_labels(settings.labels)
+        if classes != len(labels):
+            raise ConfigError(f"the labels list has {len(labels)} entries but model {name!r} outputs {classes} classes")
+        return labels
     if classes == 1000:
         return imagenet_labels()
     log.warning("no INFERSTACK_LABELS for a %d-class model: labels will be class indices", classes)
@@ -207,11 +208,11 @@ def _keras_classifier(settings: Settings, plan: Plan) -> Classifier:
 
     model, preprocess = load_keras_model(settings)
     name = _model_name(settings.model)
-    classes = int(np.prod(model.output_shape[1:]))
-    shape = _check_shapes(name, model.input_shape, classes, _labels(settings, classes))
+    shape = _input_shape(name, model.input_shape)
+    labels = _labels(settings, name, int(np.prod(model.output_shape[1:])))
     model = keras_runtime.with_precision(model, plan.precision)
     call, pad = keras_runtime.compile_call(model, preprocess, shape, xla=plan.xla)
-    return Classifier(name, _labels(settings, classes), shape, call, buckets=bucket_sizes(settings.batch_size) if pad else None,
+    return Classifier(name, labels, shape, call, buckets=bucket_sizes(settings.batch_size) if pad else None,
                       runtime="keras", precision=plan.precision)
 
 
@@ -223,8 +224,9 @@ def _openvino_classifier(settings: Settings, plan: Plan) -> Classifier:
     ov_model = ovr.read_cached(settings.cache_dir, key)
     if ov_model is None:
         model, preprocess = load_keras_model(settings)
-        classes = int(np.prod(model.output_shape[1:]))
-        shape = _check_shapes(name, model.input_shape, classes, _labels(settings, classes))
+        shape = _input_shape(name, model.input_shape)
+        if settings.labels:  # a wrong labels file is refused before a long conversion
+            _labels(settings, name, int(np.prod(model.output_shape[1:])))
         log.info("converting %s to OpenVINO", name)
         ov_model = ovr.convert(model, preprocess, shape)
         if plan.precision == "int8":
@@ -232,9 +234,7 @@ def _openvino_classifier(settings: Settings, plan: Plan) -> Classifier:
             ov_model = ovr.quantize(ov_model, images)
         ovr.write_cached(ov_model, settings.cache_dir, key)
     shape = ovr.input_shape_of(ov_model)
-    classes = ovr.classes_of(ov_model)
-    labels = _labels(settings, classes)
-    _check_shapes(name, (None, *shape), classes, labels)
+    labels = _labels(settings, name, ovr.classes_of(ov_model))
     call, effective = ovr.compile_call(ov_model, plan.precision, settings.cache_dir)
     return Classifier(name, labels, shape, call, runtime="openvino", precision=effective)
 
