@@ -104,6 +104,21 @@ def test_gpu_path_mixed_precision_with_xla_runs_here_on_cpu(digits_model):
     assert np.mean(out.argmax(1) == reference.argmax(1)) >= 0.97
 
 
+def test_mixed_precision_reaches_the_layers_of_a_nested_backbone():
+    """Transfer models nest a backbone model; its layers must compute in bf16/fp16 too."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    backbone = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, activation="relu"),
+                                 keras.layers.Flatten()], name="backbone")
+    model = keras.Sequential([keras.Input((8, 8, 3)), backbone, keras.layers.Dense(3, activation="softmax")])
+    mixed = keras_runtime.with_precision(model, "fp16")
+    assert [layer.dtype_policy.name for layer in mixed.layers[0].layers] == ["mixed_float16"] * 2
+    assert mixed.layers[-1].dtype_policy.name == "float32"
+    x = np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 3)).astype(np.float32)
+    assert np.abs(np.asarray(mixed(x)) - np.asarray(model(x))).max() < 1e-2
+
+
 def test_openvino_matches_keras_and_caches_the_converted_model(digits_model, tmp_path, monkeypatch):
     settings = digits_settings(digits_model, runtime="openvino", precision="fp32", cache_dir=str(tmp_path))
     x = digits_model["x_test"][:20].astype(np.float32)

@@ -24,10 +24,12 @@ def with_precision(model: Any, precision: str) -> Any:
 
     def clone(layer: Any) -> Any:
         config = layer.get_config()
-        config["dtype"] = keras.DTypePolicy("float32" if layer is last else policy)
+        if "dtype" in config:  # layers; plain ops inside a functional graph (keras.ops.add...) have none
+            config["dtype"] = keras.DTypePolicy("float32" if layer is last else policy)
         return layer.__class__.from_config(config)
 
-    mixed = keras.models.clone_model(model, clone_function=clone)
+    # recursive: a transfer model's nested backbone is converted too, not left in float32.
+    mixed = keras.models.clone_model(model, clone_function=clone, recursive=True)
     mixed.set_weights(model.get_weights())
     return mixed
 
