@@ -20,7 +20,7 @@ from inferstack.config import ConfigError, Settings
 from inferstack.devstack import LocalStack
 from inferstack_worker import keras_runtime, openvino_runtime
 from inferstack_worker.model import Classifier, load_classifier, load_keras_model
-from inferstack_worker.runtime import Plan, bucket_sizes, resolve
+from inferstack_worker.runtime import Plan, bucket_sizes, gpu_available, resolve
 from tests.conftest import DIGIT_LABELS, digit_images, digits_env, png_bytes, stack_log
 
 
@@ -52,9 +52,11 @@ def test_runtime_and_precision_settings_are_validated():
 
 
 def test_auto_picks_openvino_bf16_on_a_cpu_and_keras_fp32_when_asked():
-    # This machine has no GPU and the worker extra installs openvino.
-    assert resolve(Settings()) == Plan(runtime="openvino", precision="bf16", gpu=False)
-    assert resolve(Settings(runtime="keras")) == Plan(runtime="keras", precision="fp32", gpu=False)
+    # The worker extra installs openvino; CI has no GPU (where one is visible, auto means Keras fp16 + XLA).
+    gpu = gpu_available()
+    auto = Plan("keras", "fp16", gpu=True) if gpu else Plan("openvino", "bf16", gpu=False)
+    assert resolve(Settings()) == auto
+    assert resolve(Settings(runtime="keras")) == Plan("keras", "fp16" if gpu else "fp32", gpu=gpu)
     assert not resolve(Settings(runtime="keras", precision="bf16")).xla
 
 
