@@ -68,7 +68,9 @@ def one_run(stack: LocalStack, upload: bytes, index: int) -> dict[str, float]:
     stack.workers.remove(worker)
     load = re.search(r"loaded in ([0-9.]+) s", log)
     warm = re.search(r"warm-up done in ([0-9.]+) s", log)
+    runtime = re.search(r"runtime (\S+), precision (\S+)", log)
     return {"worker_start_to_answer_s": round(elapsed, 2),
+            "runtime": " ".join(runtime.groups()).rstrip(",") if runtime else None,
             "model_load_s": float(load.group(1)) if load else None,
             "warm_up_s": float(warm.group(1)) if warm else None}
 
