@@ -38,6 +38,15 @@ def _float(env: Mapping[str, str], name: str, default: float, lo: float) -> floa
     return value
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -58,6 +67,16 @@ class Settings:
     ready_file: str | None = None
     web_processes: int = 2
     web_threads: int = 32
+    # Hardening (issue 13). Memory one decode may use (header-checked before decoding), how many
+    # decodes a web process runs at once, and the web pod's memory baseline per process.
+    max_decode_bytes: int = 128 * 1024 * 1024
+    decode_concurrency: int = 2
+    # gevent: an idle or slow connection costs a greenlet, not a thread. gthread stays available.
+    web_worker_class: str = "gevent"
+    web_connections: int = 1000
+    # Longest a worker's main loop may go without progress (one batch) before it gives up its
+    # batch and exits; 0 = derived at start-up from the measured batch time.
+    stall_timeout_s: float = 0.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -80,4 +99,26 @@ class Settings:
             ready_file=env.get("INFERSTACK_READY_FILE") or None,
             web_processes=_int(env, "INFERSTACK_WEB_PROCESSES", cls.web_processes, 1, 64),
             web_threads=_int(env, "INFERSTACK_WEB_THREADS", cls.web_threads, 1, 1024),
+            max_decode_bytes=_int(env, "INFERSTACK_MAX_DECODE_BYTES", cls.max_decode_bytes, 1 << 20),
+            decode_concurrency=_int(env, "INFERSTACK_DECODE_CONCURRENCY", cls.decode_concurrency, 1, 64),
+            web_worker_class=_choice(env, "INFERSTACK_WEB_WORKER_CLASS", cls.web_worker_class, ("gevent", "gthread")),
+            web_connections=_int(env, "INFERSTACK_WEB_CONNECTIONS", cls.web_connections, 1, 100_000),
+            stall_timeout_s=_float(env, "INFERSTACK_STALL_TIMEOUT_S", cls.stall_timeout_s, 0.0),
         )
+
+
+# Resident memory of one web process with nothing in flight (Python, Flask, NumPy, Pillow, redis).
+WEB_PROCESS_BASELINE_BYTES = 96 * 1024 * 1024
+# The gunicorn arbiter and per-connection buffers, for the whole pod.
+WEB_POD_BASELINE_BYTES = 64 * 1024 * 1024
+
+
+def web_memory_limit_bytes(settings: Settings) -> int:
+    """The web pod's memory limit that bounded decoding guarantees is never exceeded.
+
+    Each decode slot holds at most the upload (max_image_bytes) and the decoded pixels
+    (max_decode_bytes); a process runs decode_concurrency of them.
+    """
+    per_decode = settings.max_decode_bytes + settings.max_image_bytes
+    per_process = WEB_PROCESS_BASELINE_BYTES + settings.decode_concurrency * per_decode
+    return WEB_POD_BASELINE_BYTES + settings.web_processes * per_process

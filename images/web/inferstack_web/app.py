@@ -1,11 +1,13 @@
 """The HTTP API: POST /predict, GET /healthz, /readyz, /metrics.
 
-Served by gunicorn with threads (`gunicorn 'inferstack_web.app:create_app()'`): a request
-spends nearly all its time blocked on Redis waiting for its reply, not on the CPU.
+Served by gunicorn's gevent worker (`gunicorn 'inferstack_web.app:create_app()'`): a request
+spends nearly all its time blocked on Redis waiting for its reply, not on the CPU, and a slow
+or idle client costs a greenlet instead of pinning a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -17,7 +19,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from inferstack.config import Settings
 from inferstack.imaging import BadImage, decode_image
-from inferstack.protocol import QueueFull, ReplyTimeout, WebQueue
+from inferstack.protocol import QueueFull, RedisFull, ReplyTimeout, WebQueue
 
 from . import metrics
 from .errors import ApiError, BadRequest, InferenceFailed, PayloadTooLarge, ResultTimeout, Unavailable
@@ -27,8 +29,12 @@ log = logging.getLogger("inferstack.web")
 DEFAULT_INPUT_SIZE = (224, 224)
 # Multipart framing around the file; the file itself is held to max_image_bytes.
 MULTIPART_SLACK = 64 * 1024
-# Reading the rest of a too-large body lets the client see our 413 instead of a reset.
+# Reading the rest of a too-large body lets the client see our 413 instead of a reset; but only
+# so much, and only for so long: a client dripping its body must not hold a connection forever.
 DRAIN_LIMIT = 64 * 1024 * 1024
+DRAIN_TIMEOUT_S = 5.0
+# How long a request waits for a decode slot before it is told the server is busy.
+DECODE_WAIT_S = 10.0
 
 
 class _ModelSize:
@@ -89,6 +95,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes + MULTIPART_SLACK
     queue = WebQueue(settings.redis_url, settings.queue_prefix, settings.max_queue, settings.request_timeout_s)
     model_size = _ModelSize(queue)
+    # Peak memory of a process is (decode_concurrency x per-decode budget) + baseline.
+    decode_slots = threading.BoundedSemaphore(settings.decode_concurrency)
     app.extensions["inferstack"] = {"settings": settings, "queue": queue}
 
     @app.errorhandler(ApiError)
@@ -97,8 +105,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge) -> Response:
-        _drain()
-        return _error(413, f"The upload is larger than the limit of {settings.max_image_bytes} bytes.")
+        drained = _drain()
+        resp = _error(413, f"The upload is larger than the limit of {settings.max_image_bytes} bytes.")
+        if not drained:
+            resp.headers["Connection"] = "close"  # the unread rest of the body must not be parsed as a request
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
@@ -128,20 +139,30 @@ def create_app(settings: Settings | None = None) -> Flask:
                 "No 'image' field in the request; send the file as multipart/form-data, "
                 "e.g. curl -F image=@cat.jpg."
             )
-        data = upload.stream.read(settings.max_image_bytes + 1)
-        if len(data) > settings.max_image_bytes:
-            raise PayloadTooLarge(f"The upload is larger than the limit of {settings.max_image_bytes} bytes.")
-        t0 = time.perf_counter()
+        if not decode_slots.acquire(timeout=DECODE_WAIT_S):
+            raise Unavailable("The server is busy decoding other images; retry shortly.", 1)
         try:
-            pixels = decode_image(data, model_size.get(), settings.max_image_pixels)
-        except BadImage as exc:
-            raise BadRequest(str(exc)) from None
-        metrics.DECODE.observe(time.perf_counter() - t0)
+            # The upload is read into memory inside the slot too: it counts against the same bound.
+            data = upload.stream.read(settings.max_image_bytes + 1)
+            if len(data) > settings.max_image_bytes:
+                raise PayloadTooLarge(f"The upload is larger than the limit of {settings.max_image_bytes} bytes.")
+            t0 = time.perf_counter()
+            try:
+                pixels = decode_image(data, model_size.get(), settings.max_image_pixels, settings.max_decode_bytes)
+            except BadImage as exc:
+                raise BadRequest(str(exc)) from None
+            finally:
+                del data
+            metrics.DECODE.observe(time.perf_counter() - t0)
+        finally:
+            decode_slots.release()
 
         try:
             request_id = queue.submit(pixels, top_k)
         except QueueFull:
             raise Unavailable("The server is at capacity (request queue full); retry shortly.", 1) from None
+        except RedisFull:
+            raise Unavailable("The server is at capacity (queue memory nearly full); retry shortly.", 2) from None
         except redis.RedisError as exc:
             log.warning("redis unavailable on submit: %s", exc)
             raise Unavailable("The request queue is unreachable; retry shortly.", 2) from None
@@ -192,20 +213,43 @@ def create_app(settings: Settings | None = None) -> Flask:
     return app
 
 
-def _drain() -> None:
-    """Consume the unread body so the connection can carry our 413 back to the client."""
+def _drain() -> bool:
+    """Consume the unread body so the connection can carry our 413; False if we gave up on it."""
     length = request.content_length
     if length is None or length > DRAIN_LIMIT:
-        return
+        return False
     stream = request.environ.get("wsgi.input")
     if stream is None:
-        return
+        return False
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None and not _gevent_patched():
+        sock.settimeout(DRAIN_TIMEOUT_S)  # gthread: at least an idle client cannot hold the thread
     left = length
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
     try:
-        while left > 0:
-            chunk = stream.read(min(left, 1 << 20))
-            if not chunk:
-                break
-            left -= len(chunk)
-    except Exception:  # client went away; nothing to save
-        pass
+        with _time_limit(DRAIN_TIMEOUT_S):
+            while left > 0 and time.monotonic() < deadline:
+                chunk = stream.read(min(left, 64 * 1024))
+                if not chunk:
+                    break
+                left -= len(chunk)
+    except Exception:  # client went away, or was too slow; nothing to save
+        return False
+    return left == 0
+
+
+def _gevent_patched() -> bool:
+    try:
+        from gevent.monkey import is_module_patched
+    except ImportError:
+        return False
+    return is_module_patched("socket")
+
+
+def _time_limit(seconds: float) -> Any:
+    """A hard limit on a block of blocking reads under the gevent worker (silently ends the block)."""
+    if not _gevent_patched():
+        return contextlib.nullcontext()
+    from gevent import Timeout
+
+    return Timeout(seconds, False)
