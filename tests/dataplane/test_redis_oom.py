@@ -25,7 +25,7 @@ def post(stack, data: bytes, timeout: float = 60) -> requests.Response:
 def test_redis_out_of_memory_503_worker_survives_and_recovers(make_stack, digits_model):
     stack = make_stack(
         workers=1,
-        env=digits_env(digits_model, PYTHONPATH=HOOKS, INFERSTACK_TEST_SLOW_VALUE="9", INFERSTACK_TEST_SLOW_S="3",
+        env=digits_env(digits_model, PYTHONPATH=os.pathsep.join(filter(None, [HOOKS, os.environ.get("PYTHONPATH")])), INFERSTACK_TEST_SLOW_VALUE="9", INFERSTACK_TEST_SLOW_S="3",
                        INFERSTACK_REQUEST_TIMEOUT_S="40", INFERSTACK_WEB_PROCESSES="1"),
     )
     r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
@@ -63,7 +63,7 @@ def test_redis_out_of_memory_503_worker_survives_and_recovers(make_stack, digits
     r.config_set("maxmemory", 0)
     client.join(60)
     assert answer["r"].status_code == 200, (answer["r"].text, stack_log(stack))
-    assert "OOM" in stack_log(stack)
+    assert "maxmemory" in stack_log(stack)  # the worker saw the refusal and retried
 
     # 3. Recovered: new requests are served by the same processes.
     time.sleep(1.0)

@@ -19,20 +19,36 @@ def post(stack, data: bytes, timeout: float = 60, **params) -> requests.Response
     return requests.post(stack.url + "/predict", files={"image": ("x.png", data)}, params=params, timeout=timeout)
 
 
+def holds_requests(r: redis.Redis, name: str) -> bool:
+    try:
+        return any(c["name"].decode() == name and c["pending"] > 0
+                   for c in r.xinfo_consumers(Keys("inferstack").stream, GROUP))
+    except redis.ResponseError:
+        return False  # the stream does not exist yet
+
+
 def signal_when_busy(r: redis.Redis, proc, name: str, sig: int, done: threading.Event) -> threading.Thread:
-    """In the background: as soon as worker `name` holds unacknowledged requests, signal it."""
+    """In the background: as soon as worker `name` holds unacknowledged requests, signal it.
+
+    For SIGKILL the worker is frozen first and checked again: it cannot finish its batch between
+    our check and the kill, so it dies holding requests (the survivor must reclaim them).
+    """
 
     def watch() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            try:
-                for c in r.xinfo_consumers(Keys("inferstack").stream, GROUP):
-                    if c["name"].decode() == name and c["pending"] > 0:
-                        proc.send_signal(sig)
-                        done.set()
-                        return
-            except redis.ResponseError:
-                pass  # the stream does not exist yet
+            if holds_requests(r, name):
+                if sig != signal.SIGKILL:
+                    proc.send_signal(sig)
+                    done.set()
+                    return
+                proc.send_signal(signal.SIGSTOP)
+                time.sleep(0.05)  # let Redis apply a reply transaction already on the wire
+                if holds_requests(r, name):
+                    proc.send_signal(sig)
+                    done.set()
+                    return
+                proc.send_signal(signal.SIGCONT)
             time.sleep(0.002)
 
     t = threading.Thread(target=watch)

@@ -33,7 +33,7 @@ def pending_of(r: redis.Redis, name: str) -> int:
 def test_hung_model_call_gives_its_batch_to_another_worker_and_exits(make_stack, digits_model):
     env = digits_env(
         digits_model,
-        PYTHONPATH=HOOKS,
+        PYTHONPATH=os.pathsep.join(filter(None, [HOOKS, os.environ.get("PYTHONPATH")])),
         INFERSTACK_TEST_HANG_VALUE="7",
         INFERSTACK_STALL_TIMEOUT_S="4",
         INFERSTACK_REQUEST_TIMEOUT_S="90",

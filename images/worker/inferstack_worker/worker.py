@@ -130,7 +130,7 @@ class Worker:
                         group_ready = False
                         self.queue.reset_after_disconnect()
                     delay = backoff.next()
-                    log.warning("redis error (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
+                    log.warning("redis error (%s: %.300s); retrying in %.1f s", type(exc).__name__, exc, delay)
                     self.stopping.wait(delay)
         finally:
             self.stopping.set()
@@ -196,7 +196,7 @@ class Worker:
                 if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
                     self.queue.reset_after_disconnect()
                 delay = backoff.next()
-                log.warning("delivering answers failed (%s: %s); retrying in %.1f s", type(exc).__name__, exc, delay)
+                log.warning("delivering answers failed (%s: %.300s); retrying in %.1f s", type(exc).__name__, exc, delay)
                 self._mark_progress()  # waiting on Redis is not a hung model
                 self.stopping.wait(delay)
 
