@@ -36,6 +36,10 @@ _ORIENTATION = {
 }
 
 
+# Modes Image.reduce refuses, or would average wrongly (palette indices).
+_NO_REDUCE = frozenset({"1", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
 def decoded_bytes(im: Image.Image) -> int:
     """Memory the decoder will allocate for the (first frame of the) image, from its header."""
     return im.width * im.height * _MODE_BYTES.get(im.mode, 4)
@@ -102,7 +106,14 @@ def decode_image(
 
 
 def _shrink(im: Image.Image, side: int) -> Image.Image:
-    """Average down to at most side x side before any conversion, so no full-size copy is made."""
+    """Average down to about side x side before any conversion, so no full-size copy is made."""
+    factor = min(im.width // side, im.height // side)
+    if factor >= 2 and im.mode in ("LA", "RGBA"):
+        # Pillow's reduce/resize first make a full-size premultiplied copy of these modes; one
+        # band at a time costs a quarter of that.
+        return Image.merge(im.mode, [im.getchannel(band).reduce(factor) for band in im.getbands()])
+    if factor >= 2 and im.mode not in _NO_REDUCE:
+        return im.reduce(factor)  # block averaging straight into a small image
     target = (min(im.width, side), min(im.height, side))
     if target == im.size:
         return im

@@ -224,7 +224,7 @@ class WebQueue:
                 args=[self.max_queue, int(self.timeout_s * 1000), *encode_entry(request_id, pixels, top_k)],
             )
         except redis.ResponseError as exc:
-            if isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM" in str(exc):
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(exc):
                 self._memory_full, self._memory_checked = True, time.monotonic()
                 raise RedisFull(str(exc)) from None
             raise

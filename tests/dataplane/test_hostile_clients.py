@@ -79,6 +79,31 @@ def test_decompression_bombs_keep_the_web_tier_under_its_memory_limit(stack, dig
     assert stack.web.poll() is None
 
 
+class Dripper:
+    """In the background, send one byte on each socket every interval_s until stopped."""
+
+    def __init__(self, socks: list[socket.socket], interval_s: float, byte: bytes) -> None:
+        self.socks, self.interval_s, self.byte = socks, interval_s, byte
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for s in self.socks:
+                try:
+                    s.send(self.byte)
+                except OSError:
+                    pass
+
+    def __enter__(self) -> "Dripper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def test_dripped_oversized_body_is_answered_413_in_bounded_time(stack):
     # Declares 20 MB (over the limit), sends a little, then drips: the 413 must not wait for it.
     with socket.create_connection(("127.0.0.1", stack.port), timeout=30) as s:
@@ -90,23 +115,10 @@ def test_dripped_oversized_body_is_answered_413_in_bounded_time(stack):
         s.sendall(head + f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\"\r\n\r\n".encode())
         s.sendall(b"\0" * 100_000)
         t0 = time.monotonic()
-        stop = threading.Event()
-
-        def drip() -> None:
-            while not stop.wait(0.5):
-                try:
-                    s.send(b"\0")
-                except OSError:
-                    return
-
-        dripper = threading.Thread(target=drip)
-        dripper.start()
-        try:
+        with Dripper([s], 0.5, b"\0"):
             reply = s.recv(4096)
-        finally:
-            stop.set()
-            dripper.join()
         elapsed = time.monotonic() - t0
+    print(f"413 for a dripped 20 MB body after {elapsed:.1f} s")
     assert reply.startswith(b"HTTP/1.1 413"), reply[:200]
     assert elapsed < 15, f"413 took {elapsed:.1f} s"
 
@@ -115,34 +127,21 @@ def slow_client_probe(stack, connections: int = 80, interval_s: float = 2.0) -> 
     """Open `connections` sockets that drip a request header byte every interval_s, then time a
     normal /predict and /healthz. Returns (seconds, predict status, healthz status)."""
     socks: list[socket.socket] = []
-    stop = threading.Event()
     for _ in range(connections):
         s = socket.create_connection(("127.0.0.1", stack.port), timeout=10)
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
         socks.append(s)
-
-    def drip() -> None:
-        while not stop.wait(interval_s):
-            for s in socks:
-                try:
-                    s.send(b"X")
-                except OSError:
-                    pass
-
-    dripper = threading.Thread(target=drip)
-    dripper.start()
     try:
-        time.sleep(2 * interval_s)  # every slow connection has been accepted and is being read
-        t0 = time.monotonic()
-        try:
-            health = requests.get(stack.url + "/healthz", timeout=10).status_code
-            predict = post(stack, png_bytes(np.zeros((32, 32, 3), np.uint8)), timeout=10).status_code
-        except requests.RequestException:
-            health = predict = 0
-        return time.monotonic() - t0, predict, health
+        with Dripper(socks, interval_s, b"X"):
+            time.sleep(2 * interval_s)  # every slow connection has been accepted and is being read
+            t0 = time.monotonic()
+            try:
+                health = requests.get(stack.url + "/healthz", timeout=10).status_code
+                predict = post(stack, png_bytes(np.zeros((32, 32, 3), np.uint8)), timeout=10).status_code
+            except requests.RequestException:
+                health = predict = 0
+            return time.monotonic() - t0, predict, health
     finally:
-        stop.set()
-        dripper.join()
         for s in socks:
             s.close()
 

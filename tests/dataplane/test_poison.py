@@ -7,8 +7,8 @@ into the stream, as a rogue writer or a web pod of another release would.
 from __future__ import annotations
 
 import json
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import redis
 import requests
@@ -70,30 +70,29 @@ def test_malformed_entries_are_dead_lettered_and_workers_keep_serving(make_stack
         assert reply["ok"] is False and reply["error"], reply
 
 
-def _hold(r: redis.Redis, consumer: str, times: int) -> bytes:
-    """Take the one queued entry as `consumer` and record `times` deliveries in Redis."""
-    wait_for(lambda: r.xlen(KEYS.stream) == 1, what="the request to be queued")
-    got = r.xreadgroup(GROUP, consumer, {KEYS.stream: ">"}, count=1)
-    entry_id = got[0][1][0][0]
-    r.execute_command("XCLAIM", KEYS.stream, GROUP, consumer, 0, entry_id, "RETRYCOUNT", times)
-    return entry_id
+def held_request(make_stack, digits_model, consumer: str, worker_name: str | None = None):
+    """A stack whose one queued request Redis says `consumer` already took MAX_DELIVERIES times;
+    then a worker starts. Returns (redis client, the entry id, the client's response)."""
+    stack = make_stack(workers=0, env=digits_env(digits_model, INFERSTACK_WEB_PROCESSES="1"), wait=False)
+    r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
+    wait_for(lambda: _up(stack), what="the web server")
+    r.xgroup_create(KEYS.stream, GROUP, id="0", mkstream=True)
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, stack, png_bytes(digits_model["x_test"][1]))
+        wait_for(lambda: r.xlen(KEYS.stream) == 1, what="the request to be queued")
+        got = r.xreadgroup(GROUP, consumer, {KEYS.stream: ">"}, count=1)
+        entry_id = got[0][1][0][0]
+        r.execute_command("XCLAIM", KEYS.stream, GROUP, consumer, 0, entry_id, "RETRYCOUNT", MAX_DELIVERIES)
+        stack.start_worker(env={"INFERSTACK_WORKER_NAME": worker_name} if worker_name else None)
+        resp = answer.result(120)
+    return stack, r, entry_id, resp
 
 
 def test_request_failing_every_delivery_is_dead_lettered_and_its_client_told(make_stack, digits_model):
     # Delivery counts come from Redis: a request a (now dead) worker already held MAX_DELIVERIES
     # times is not handed to the model again; its client gets a 500 JSON at once.
-    stack = make_stack(workers=0, env=digits_env(digits_model, INFERSTACK_WEB_PROCESSES="1"), wait=False)
-    r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
-    wait_for(lambda: _up(stack), what="the web server")
-    r.xgroup_create(KEYS.stream, GROUP, id="0", mkstream=True)
-    answer: dict[str, requests.Response] = {}
-    client = threading.Thread(target=lambda: answer.setdefault("r", post(stack, png_bytes(digits_model["x_test"][1]))))
-    client.start()
-    entry_id = _hold(r, "crashed-worker", MAX_DELIVERIES)
-    stack.start_worker()
-    client.join(120)
-    resp = answer["r"]
-    assert resp.status_code == 500, resp.text
+    stack, r, entry_id, resp = held_request(make_stack, digits_model, "crashed-worker")
+    assert resp.status_code == 500, (resp.text, stack_log(stack))
     assert resp.json()["success"] is False and "could not be processed" in resp.json()["error"]
     letters = dead_letters(r)
     assert len(letters) == 1 and letters[0][b"entry"] == entry_id
@@ -104,18 +103,9 @@ def test_request_failing_every_delivery_is_dead_lettered_and_its_client_told(mak
 def test_restarted_worker_counts_its_own_backlog_deliveries(make_stack, digits_model):
     # A worker that keeps crashing on a request re-reads it from its own backlog after each
     # restart: those hand-outs count too, so the loop ends in the dead-letter stream.
-    stack = make_stack(workers=0, env=digits_env(digits_model, INFERSTACK_WEB_PROCESSES="1"), wait=False)
-    r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
-    wait_for(lambda: _up(stack), what="the web server")
-    r.xgroup_create(KEYS.stream, GROUP, id="0", mkstream=True)
-    answer: dict[str, requests.Response] = {}
-    client = threading.Thread(target=lambda: answer.setdefault("r", post(stack, png_bytes(digits_model["x_test"][2]))))
-    client.start()
-    _hold(r, "pod-0", MAX_DELIVERIES)
-    stack.start_worker(env={"INFERSTACK_WORKER_NAME": "pod-0"})
-    client.join(120)
-    assert answer["r"].status_code == 500, (answer["r"].text, stack_log(stack))
-    assert len(dead_letters(r)) == 1
+    stack, r, entry_id, resp = held_request(make_stack, digits_model, "pod-0", worker_name="pod-0")
+    assert resp.status_code == 500, (resp.text, stack_log(stack))
+    assert [f[b"entry"] for f in dead_letters(r)] == [entry_id]
     # ... and the same worker then serves new requests normally.
     assert post(stack, png_bytes(digits_model["x_test"][3])).status_code == 200
 
