@@ -113,5 +113,5 @@ def test_restarted_worker_counts_its_own_backlog_deliveries(make_stack, digits_m
 def _up(stack) -> bool:
     try:
         return requests.get(stack.url + "/healthz", timeout=1).status_code == 200
-    except requests.ConnectionError:
+    except requests.RequestException:  # refused, or accepted but not yet served
         return False
