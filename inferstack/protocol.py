@@ -200,12 +200,18 @@ class WebQueue:
         self._live = self.fast.register_script(_LIVE_WORKERS)
         self._memory_checked = 0.0
         self._memory_full = False
+        self._memory_admission = True
 
     def check_memory(self, every_s: float = 0.5) -> None:
         """Raise RedisFull when Redis is near maxmemory (INFO at most every every_s per process)."""
         now = time.monotonic()
-        if now - self._memory_checked >= every_s:
-            info = self.fast.info("memory")
+        if self._memory_admission and now - self._memory_checked >= every_s:
+            try:
+                info = self.fast.info("memory")
+            except redis.ResponseError:
+                # An ACL without INFO: rely on Redis' own OOM refusal (also answered 503).
+                self._memory_admission = False
+                return
             limit = int(info.get("maxmemory", 0))
             self._memory_full = limit > 0 and int(info["used_memory"]) >= limit * MEMORY_ADMISSION_RATIO
             self._memory_checked = now
