@@ -162,7 +162,7 @@ def test_queue_full_503_and_timeout_504_without_workers(make_stack, digits_model
 def test_requests_queued_before_any_worker_are_served(make_stack, digits_model):
     stack = make_stack(
         workers=0,
-        env=digits_env(digits_model, INFERSTACK_REQUEST_TIMEOUT_S="20", INFERSTACK_WEB_PROCESSES="1"),
+        env=digits_env(digits_model, INFERSTACK_REQUEST_TIMEOUT_S="90", INFERSTACK_WEB_PROCESSES="1"),
         wait=False,
     )
     deadline = time.monotonic() + 30
@@ -174,7 +174,8 @@ def test_requests_queued_before_any_worker_are_served(make_stack, digits_model):
             time.sleep(0.1)
     uploads = [png_bytes(img) for img in digits_model["x_test"][:6]]
     with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(post, stack, u) for u in uploads]
+        # Generous timeouts: the worker's start (TensorFlow import, model load) is slow on a busy CPU.
+        futures = [pool.submit(post, stack, u, 120) for u in uploads]
         time.sleep(1.0)
         stack.start_worker()  # comes up with 6 requests already queued
         results = [f.result() for f in futures]
