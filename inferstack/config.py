@@ -109,16 +109,21 @@ class Settings:
 
 # Resident memory of one web process with nothing in flight (Python, Flask, NumPy, Pillow, redis).
 WEB_PROCESS_BASELINE_BYTES = 96 * 1024 * 1024
-# The gunicorn arbiter and per-connection buffers, for the whole pod.
+# The gunicorn arbiter, for the whole pod.
 WEB_POD_BASELINE_BYTES = 64 * 1024 * 1024
+# Part of an upload held in memory while it is received; the rest waits in a file under /tmp.
+UPLOAD_MEMORY_BYTES = 64 * 1024
 
 
 def web_memory_limit_bytes(settings: Settings) -> int:
     """The web pod's memory limit that bounded decoding guarantees is never exceeded.
 
     Each decode slot holds at most the upload (max_image_bytes) and the decoded pixels
-    (max_decode_bytes); a process runs decode_concurrency of them.
+    (max_decode_bytes); a process runs decode_concurrency of them, and each of its open
+    connections buffers at most UPLOAD_MEMORY_BYTES of an upload being received.
     """
     per_decode = settings.max_decode_bytes + settings.max_image_bytes
-    per_process = WEB_PROCESS_BASELINE_BYTES + settings.decode_concurrency * per_decode
+    connections = settings.web_connections if settings.web_worker_class == "gevent" else settings.web_threads
+    per_process = (WEB_PROCESS_BASELINE_BYTES + settings.decode_concurrency * per_decode
+                   + connections * UPLOAD_MEMORY_BYTES)
     return WEB_POD_BASELINE_BYTES + settings.web_processes * per_process

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import threading
 import time
-from typing import Any
+from typing import IO, Any
 
 import redis
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Request, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from inferstack.config import Settings
+from inferstack.config import UPLOAD_MEMORY_BYTES, Settings
 from inferstack.imaging import BadImage, decode_image
 from inferstack.protocol import QueueFull, RedisFull, ReplyTimeout, WebQueue
 
@@ -89,9 +90,17 @@ def _error(status: int, message: str, retry_after: int | None = None) -> Respons
     return resp
 
 
+class _Request(Request):
+    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
+                         filename: str | None = None, content_length: int | None = None) -> IO[bytes]:
+        # Uploads wait for a decode slot in /tmp, not in memory (werkzeug keeps 500 KB in memory).
+        return tempfile.SpooledTemporaryFile(max_size=UPLOAD_MEMORY_BYTES, mode="rb+")
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask("inferstack_web")
+    app.request_class = _Request
     app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes + MULTIPART_SLACK
     queue = WebQueue(settings.redis_url, settings.queue_prefix, settings.max_queue, settings.request_timeout_s)
     model_size = _ModelSize(queue)
