@@ -104,9 +104,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes + MULTIPART_SLACK
     queue = WebQueue(settings.redis_url, settings.queue_prefix, settings.max_queue, settings.request_timeout_s)
     model_size = _ModelSize(queue)
-    # Peak memory of a process is (decode_concurrency x per-decode budget) + baseline.
+    # Peak memory of a process is (decode_concurrency x per-decode budget) + baseline; every
+    # endpoint that decodes uploads takes a slot from here.
     decode_slots = threading.BoundedSemaphore(settings.decode_concurrency)
-    app.extensions["inferstack"] = {"settings": settings, "queue": queue}
+    app.extensions["inferstack"] = {"settings": settings, "queue": queue, "decode_slots": decode_slots}
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
