@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import redis
 import requests
 
-from inferstack.protocol import GROUP, MAX_DELIVERIES, Keys
+from inferstack.protocol import GROUP, MAX_DELIVERIES, Keys, ensure_group
 from tests.conftest import digits_env, png_bytes, stack_log
 
 KEYS = Keys("inferstack")
@@ -76,7 +76,7 @@ def held_request(make_stack, digits_model, consumer: str, worker_name: str | Non
     stack = make_stack(workers=0, env=digits_env(digits_model, INFERSTACK_WEB_PROCESSES="1"), wait=False)
     r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
     wait_for(lambda: _up(stack), what="the web server")
-    r.xgroup_create(KEYS.stream, GROUP, id="0", mkstream=True)
+    ensure_group(r, KEYS.stream)  # the web tier made it at start-up already; idempotent
     with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(post, stack, png_bytes(digits_model["x_test"][1]))
         wait_for(lambda: r.xlen(KEYS.stream) == 1, what="the request to be queued")
