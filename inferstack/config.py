@@ -64,7 +64,12 @@ class Settings:
     baked_keras_home: str = "/opt/keras"
     runtime: str | None = None
     precision: str | None = None
-    model_name: str | None = None
+    # The model's name in the Open Inference Protocol (v2) API; empty means derived from `model`.
+    model_name: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            object.__setattr__(self, "model_name", default_model_name(self.model))
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
@@ -93,5 +98,14 @@ class Settings:
             baked_keras_home=env.get("INFERSTACK_BAKED_KERAS_HOME") or cls.baked_keras_home,
             runtime=env.get("INFERSTACK_RUNTIME") or None,
             precision=env.get("INFERSTACK_PRECISION") or None,
-            model_name=env.get("INFERSTACK_MODEL_NAME") or None,
+            model_name=(env.get("INFERSTACK_MODEL_NAME") or "").strip(),
         )
+
+
+def default_model_name(model: str) -> str:
+    """`ResNet50` -> `resnet50`; `/models/flowers.keras` -> `flowers`."""
+    stem = os.path.basename(model.rstrip("/\\")) or model
+    for suffix in (".keras", ".h5"):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+    return stem.lower()

@@ -9,10 +9,12 @@ request waits on with BLPOP, and that expires on its own if the client gave up.
 Nothing polls: the worker blocks in XREADGROUP, the web request blocks in BLPOP.
 
 Keys, for prefix P:
-  P:requests        stream: id, h, w, c, top_k, deadline_ms, data (raw uint8 pixels)
-  P:reply:<id>      list holding one JSON reply
+  P:requests        stream: id, h, w, c, top_k, deadline_ms, data (raw uint8 pixels),
+                    probs ("1": also reply with every class's probability; absent means no)
+  P:reply:<id>      list holding one JSON reply: {"ok", "predictions", "model", "probabilities"?}
+                    or {"ok": false, "error"}; "probabilities" is base64 of float32 little-endian
   P:workers         sorted set: worker name -> heartbeat expiry (unix seconds, server clock)
-  P:model           JSON describing the model the workers serve (input size, classes)
+  P:model           JSON describing the model the workers serve (input size, classes, labels)
   P:arrivals        pub/sub channel, one message per enqueue: wakes workers filling a batch
                     (Redis blocking-command timeouts tick at server.hz, ~100 ms: too coarse for
                     a 5 ms batch window, so the window is timed on the worker's side)
@@ -20,6 +22,7 @@ Keys, for prefix P:
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 import uuid
@@ -46,7 +49,7 @@ if n >= tonumber(ARGV[1]) then return {0, n} end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 'h', ARGV[4], 'w', ARGV[5], 'c', ARGV[6],
-           'top_k', ARGV[7], 'deadline_ms', now_ms + tonumber(ARGV[2]), 'data', ARGV[8])
+           'top_k', ARGV[7], 'deadline_ms', now_ms + tonumber(ARGV[2]), 'data', ARGV[8], 'probs', ARGV[9])
 redis.call('PUBLISH', KEYS[2], '1')
 return {1, n + 1}
 """
@@ -88,6 +91,7 @@ class Request:
     top_k: int
     deadline_ms: int
     deliveries: int = 1
+    probabilities: bool = False  # the client wants the whole vector (v2), not only the top k
 
 
 def connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
@@ -127,7 +131,7 @@ class WebQueue:
         self._enqueue = self.fast.register_script(_ENQUEUE)
         self._live = self.fast.register_script(_LIVE_WORKERS)
 
-    def submit(self, pixels: np.ndarray, top_k: int) -> str:
+    def submit(self, pixels: np.ndarray, top_k: int, probabilities: bool = False) -> str:
         """Queue one image; raises QueueFull at the cap, redis.RedisError when Redis is away."""
         if pixels.dtype != np.uint8 or pixels.ndim != 3:
             raise ValueError("pixels must be a uint8 array of shape (h, w, c)")
@@ -136,7 +140,7 @@ class WebQueue:
         ok, depth = self._enqueue(
             keys=[self.keys.stream, self.keys.arrivals],
             args=[self.max_queue, int(self.timeout_s * 1000), request_id, h, w, c, top_k,
-                  np.ascontiguousarray(pixels).tobytes()],
+                  np.ascontiguousarray(pixels).tobytes(), "1" if probabilities else "0"],
         )
         if not ok:
             raise QueueFull(f"queue holds {depth} requests (limit {self.max_queue})")
@@ -313,7 +317,7 @@ class WorkerQueue:
 
 
 def _with_deliveries(req: Request, n: int) -> Request:
-    return Request(req.entry_id, req.request_id, req.pixels, req.top_k, req.deadline_ms, n)
+    return Request(req.entry_id, req.request_id, req.pixels, req.top_k, req.deadline_ms, n, req.probabilities)
 
 
 def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
@@ -325,4 +329,14 @@ def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
         pixels=pixels,
         top_k=int(fields[b"top_k"]),
         deadline_ms=int(fields[b"deadline_ms"]),
+        probabilities=fields.get(b"probs") == b"1",
     )
+
+
+def encode_probabilities(probs: np.ndarray) -> str:
+    """A probability vector as reply JSON carries it: 4 bytes a class instead of ~20 as decimals."""
+    return base64.b64encode(np.asarray(probs, dtype="<f4").tobytes()).decode("ascii")
+
+
+def decode_probabilities(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype="<f4")

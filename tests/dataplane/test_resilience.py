@@ -114,7 +114,7 @@ def test_queue_full_503_and_timeout_504_without_workers(make_stack, digits_model
         try:
             if requests.get(stack.url + "/healthz", timeout=1).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # gunicorn accepts before its workers boot
             time.sleep(0.1)
     assert requests.get(stack.url + "/readyz", timeout=5).status_code == 503  # no worker
     upload = png_bytes(digits_model["x_test"][0])
@@ -154,7 +154,7 @@ def test_requests_queued_before_any_worker_are_served(make_stack, digits_model):
         try:
             requests.get(stack.url + "/healthz", timeout=1)
             break
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # gunicorn accepts before its workers boot
             time.sleep(0.1)
     uploads = [png_bytes(img) for img in digits_model["x_test"][:6]]
     with ThreadPoolExecutor(6) as pool:

@@ -8,6 +8,8 @@ import pytest
 from inferstack.config import ConfigError, Settings
 from inferstack_worker.model import link_baked_weights, load_classifier
 
+from tests.conftest import DIGIT_LABELS
+
 
 def test_baked_weights_are_linked_into_the_cache_keras_uses(tmp_path, monkeypatch):
     baked = tmp_path / "baked"
@@ -46,4 +48,4 @@ def test_top_k_is_sorted_and_clamped(digits_model):
     top = clf.top_k(probs, 3)
     assert [p["label"] for p in top] == ["one", "four", "two"]
     assert len(clf.top_k(probs, 1000)) == 10
-    assert clf.info() == {"name": "digits.keras", "input_shape": [32, 32, 3], "classes": 10}
+    assert clf.info() == {"name": "digits.keras", "input_shape": [32, 32, 3], "classes": 10, "labels": DIGIT_LABELS}

@@ -1,4 +1,4 @@
-"""The HTTP API: POST /predict, GET /healthz, /readyz, /metrics.
+"""The HTTP API: POST /predict, GET /healthz, /readyz, /metrics, /openapi.json; the v2 API (v2.py).
 
 Served by gunicorn with threads (`gunicorn 'inferstack_web.app:create_app()'`): a request
 spends nearly all its time blocked on Redis waiting for its reply, not on the CPU.
@@ -7,7 +7,6 @@ spends nearly all its time blocked on Redis waiting for its reply, not on the CP
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import Any
 
@@ -16,51 +15,18 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from inferstack.config import Settings
-from inferstack.imaging import BadImage, decode_image
-from inferstack.protocol import QueueFull, ReplyTimeout, WebQueue
+from inferstack.protocol import WebQueue
 
-from . import metrics
-from .errors import ApiError, BadRequest, InferenceFailed, PayloadTooLarge, ResultTimeout, Unavailable
+from . import metrics, openapi, v2
+from .errors import ApiError, BadRequest, PayloadTooLarge
+from .inference import Inference, ModelInfo, decode_base64
 
 log = logging.getLogger("inferstack.web")
 
-DEFAULT_INPUT_SIZE = (224, 224)
 # Multipart framing around the file; the file itself is held to max_image_bytes.
 MULTIPART_SLACK = 64 * 1024
 # Reading the rest of a too-large body lets the client see our 413 instead of a reset.
 DRAIN_LIMIT = 64 * 1024 * 1024
-
-
-class _ModelSize:
-    """Input size advertised by the workers, cached briefly so /predict needs no extra round trip."""
-
-    def __init__(self, queue: WebQueue, ttl_s: float = 5.0) -> None:
-        self.queue = queue
-        self.ttl_s = ttl_s
-        self._value = DEFAULT_INPUT_SIZE
-        self._name: str | None = None
-        self._expires = 0.0
-        self._lock = threading.Lock()
-
-    def get(self) -> tuple[int, int]:
-        now = time.monotonic()
-        if now < self._expires:
-            return self._value
-        with self._lock:
-            if now >= self._expires:
-                try:
-                    info = self.queue.model_info()
-                except redis.RedisError:
-                    info = None
-                if info:
-                    self._value = (int(info["input_shape"][0]), int(info["input_shape"][1]))
-                    self._name = info.get("name")
-                self._expires = now + (self.ttl_s if info else 0.5)
-        return self._value
-
-    @property
-    def name(self) -> str | None:
-        return self._name
 
 
 def _top_k(raw: str | None, default: int) -> int:
@@ -76,7 +42,8 @@ def _top_k(raw: str | None, default: int) -> int:
 
 
 def _error(status: int, message: str, retry_after: int | None = None) -> Response:
-    resp = jsonify(success=False, error=message)
+    # The v2 protocol's error shape is {"error": ...}; /predict keeps its own.
+    resp = jsonify(error=message) if request.path.startswith("/v2") else jsonify(success=False, error=message)
     resp.status_code = status
     if retry_after is not None:
         resp.headers["Retry-After"] = str(retry_after)
@@ -86,10 +53,13 @@ def _error(status: int, message: str, retry_after: int | None = None) -> Respons
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask("inferstack_web")
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_image_bytes + MULTIPART_SLACK
+    # Room for the images base64-encoded in JSON; the images themselves are held to max_image_bytes.
+    app.config["MAX_CONTENT_LENGTH"] = (settings.max_image_bytes + 2) // 3 * 4 + MULTIPART_SLACK
     queue = WebQueue(settings.redis_url, settings.queue_prefix, settings.max_queue, settings.request_timeout_s)
-    model_size = _ModelSize(queue)
+    model_info = ModelInfo(queue)
+    inference = Inference(settings, queue, model_info)
     app.extensions["inferstack"] = {"settings": settings, "queue": queue}
+    app.register_blueprint(v2.create_blueprint(settings, queue, inference, model_info))
 
     @app.errorhandler(ApiError)
     def _api_error(exc: ApiError) -> Response:
@@ -122,45 +92,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     def predict() -> Response:
         request.environ["inferstack.start"] = started = time.perf_counter()
         top_k = _top_k(request.args.get("top_k"), settings.top_k)
-        upload = request.files.get("image")
-        if upload is None:
-            raise BadRequest(
-                "No 'image' field in the request; send the file as multipart/form-data, "
-                "e.g. curl -F image=@cat.jpg."
-            )
-        data = upload.stream.read(settings.max_image_bytes + 1)
-        if len(data) > settings.max_image_bytes:
-            raise PayloadTooLarge(f"The upload is larger than the limit of {settings.max_image_bytes} bytes.")
-        t0 = time.perf_counter()
-        try:
-            pixels = decode_image(data, model_size.get(), settings.max_image_pixels)
-        except BadImage as exc:
-            raise BadRequest(str(exc)) from None
-        metrics.DECODE.observe(time.perf_counter() - t0)
-
-        try:
-            request_id = queue.submit(pixels, top_k)
-        except QueueFull:
-            raise Unavailable("The server is at capacity (request queue full); retry shortly.", 1) from None
-        except redis.RedisError as exc:
-            log.warning("redis unavailable on submit: %s", exc)
-            raise Unavailable("The request queue is unreachable; retry shortly.", 2) from None
-        remaining = settings.request_timeout_s - (time.perf_counter() - started)
-        try:
-            reply = queue.wait(request_id, max(remaining, 0.01))
-        except ReplyTimeout:
-            raise ResultTimeout(
-                f"No result within {settings.request_timeout_s:g} s; the workers are busy or down. Retry later."
-            ) from None
-        except redis.RedisError as exc:
-            log.warning("redis unavailable while waiting: %s", exc)
-            raise Unavailable("The request queue became unreachable while waiting; retry shortly.", 2) from None
-        if not reply.get("ok"):
-            raise InferenceFailed(reply.get("error") or "The model failed on this image.")
-        body: dict[str, Any] = {"success": True, "predictions": reply["predictions"]}
-        if reply.get("model"):
-            body["model"] = reply["model"]
+        images, several = _uploaded_images(settings.max_image_bytes)
+        results = inference.run(images, top_k, started)
+        body: dict[str, Any] = {"success": True}
+        if several:
+            body["results"] = [{"predictions": r.predictions} for r in results]
+        else:
+            body["predictions"] = results[0].predictions
+        if results[0].model:
+            body["model"] = results[0].model
         return jsonify(body)
+
+    @app.get("/openapi.json")
+    def openapi_view() -> Response:
+        return jsonify(openapi.document(settings))
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -190,6 +135,31 @@ def create_app(settings: Settings | None = None) -> Flask:
         return Response(metrics.render(depth, live), mimetype="text/plain; version=0.0.4")
 
     return app
+
+
+def _uploaded_images(limit: int) -> tuple[list[bytes], bool]:
+    """The encoded images of a /predict request, and whether it asked for several (-> "results")."""
+    if request.is_json:
+        body = request.get_json(silent=True)
+        image = body.get("image") if isinstance(body, dict) else None
+        if isinstance(image, str):
+            return [decode_base64(image, "'image'")], False
+        if isinstance(image, list) and image and all(isinstance(x, str) for x in image):
+            return [decode_base64(x, f"'image'[{i}]") for i, x in enumerate(image)], True
+        raise BadRequest('A JSON body must be {"image": "<the image file, base64>"} (or a list of such strings).')
+    uploads = request.files.getlist("image")
+    if not uploads:
+        raise BadRequest(
+            "No 'image' field in the request; send the file as multipart/form-data, "
+            'e.g. curl -F image=@cat.jpg, or JSON {"image": "<base64>"}.'
+        )
+    images = []
+    for upload in uploads:
+        data = upload.stream.read(limit + 1)
+        if len(data) > limit:
+            raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
+        images.append(data)
+    return images, len(uploads) > 1
 
 
 def _drain() -> None:

@@ -18,6 +18,12 @@ class BadRequest(ApiError):
     status = 400
 
 
+class NotFound(ApiError):
+    """A v2 model name or version this server does not serve."""
+
+    status = 404
+
+
 class PayloadTooLarge(ApiError):
     status = 413
 

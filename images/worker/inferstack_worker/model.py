@@ -176,7 +176,9 @@ class Classifier:
         return [{"label": self.labels[i], "probability": float(probs[i])} for i in idx]
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, "input_shape": list(self.input_shape), "classes": len(self.labels)}
+        # Labels let the web tier answer the v2 classification extension from a probability vector.
+        return {"name": self.name, "input_shape": list(self.input_shape), "classes": len(self.labels),
+                "labels": self.labels}
 
 
 def load_classifier(settings: Settings) -> Classifier:

@@ -14,7 +14,7 @@ import numpy as np
 import redis
 
 from inferstack.config import Settings
-from inferstack.protocol import MAX_DELIVERIES, Request, WorkerQueue
+from inferstack.protocol import MAX_DELIVERIES, Request, WorkerQueue, encode_probabilities
 
 from .model import Classifier
 
@@ -136,10 +136,13 @@ class Worker:
             for r in reqs:
                 out += self._infer([r])
             return out
-        return [
-            (r, {"ok": True, "predictions": clf.top_k(p, r.top_k), "model": clf.name})
-            for r, p in zip(reqs, probs)
-        ]
+        return [(r, self._reply(r, p)) for r, p in zip(reqs, probs)]
+
+    def _reply(self, req: Request, probs: np.ndarray) -> dict[str, Any]:
+        reply = {"ok": True, "predictions": self.classifier.top_k(probs, req.top_k), "model": self.classifier.name}
+        if req.probabilities:
+            reply["probabilities"] = encode_probabilities(probs)
+        return reply
 
 
 def default_worker_name() -> str:

@@ -1,0 +1,144 @@
+"""Encoded images in, worker replies out, in order: the part /predict and the v2 API share.
+
+A request with N images becomes N queue entries, so workers batch them with everyone else's
+traffic; the request then waits for the N replies within one request timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import redis
+
+from inferstack.config import Settings
+from inferstack.imaging import BadImage, decode_image
+from inferstack.protocol import QueueFull, ReplyTimeout, WebQueue, decode_probabilities
+
+from . import metrics
+from .errors import BadRequest, InferenceFailed, PayloadTooLarge, ResultTimeout, Unavailable
+
+log = logging.getLogger("inferstack.web")
+
+DEFAULT_INPUT_SIZE = (224, 224)
+# Each image is one queue entry: bound what one request can push into the shared queue.
+MAX_IMAGES_PER_REQUEST = 256
+
+
+class ModelInfo:
+    """What the workers advertise in Redis (input size, classes, labels), cached briefly."""
+
+    def __init__(self, queue: WebQueue, ttl_s: float = 5.0) -> None:
+        self.queue = queue
+        self.ttl_s = ttl_s
+        self._info: dict[str, Any] = {}
+        self._expires = 0.0
+        self._lock = threading.Lock()
+
+    def get(self) -> dict[str, Any]:
+        now = time.monotonic()
+        if now < self._expires:
+            return self._info
+        with self._lock:
+            if now >= self._expires:
+                try:
+                    info = self.queue.model_info()
+                except redis.RedisError:
+                    info = None
+                if info:
+                    self._info = info
+                self._expires = now + (self.ttl_s if info else 0.5)
+        return self._info
+
+    def input_size(self) -> tuple[int, int]:
+        shape = self.get().get("input_shape")
+        return (int(shape[0]), int(shape[1])) if shape else DEFAULT_INPUT_SIZE
+
+    @property
+    def name(self) -> str | None:
+        return self.get().get("name")
+
+
+@dataclass(frozen=True)
+class Result:
+    predictions: list[dict[str, Any]]
+    model: str | None
+    probabilities: np.ndarray | None  # float32 (classes,), only when asked for
+
+
+class Inference:
+    def __init__(self, settings: Settings, queue: WebQueue, model: ModelInfo) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.model = model
+
+    def run(
+        self, images: Sequence[bytes], top_k: int, started: float, probabilities: bool = False
+    ) -> list[Result]:
+        """Classify the images (encoded files) in order; raises an ApiError for the whole request."""
+        limit = self.settings.max_image_bytes
+        if not images:
+            raise BadRequest("The request holds no image.")
+        if len(images) > MAX_IMAGES_PER_REQUEST:
+            raise BadRequest(
+                f"The request holds {len(images)} images; send at most {MAX_IMAGES_PER_REQUEST} per request."
+            )
+        if sum(len(data) for data in images) > limit:
+            raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
+        # Decode everything first: a bad image fails the request before any work is queued.
+        pixels = [self._decode(data, i, len(images)) for i, data in enumerate(images)]
+        ids = [self._submit(p, top_k, probabilities) for p in pixels]
+        return [self._wait(request_id, started) for request_id in ids]
+
+    def _decode(self, data: bytes, index: int, count: int) -> np.ndarray:
+        t0 = time.perf_counter()
+        try:
+            pixels = decode_image(data, self.model.input_size(), self.settings.max_image_pixels)
+        except BadImage as exc:
+            prefix = f"Image {index + 1} of {count}: " if count > 1 else ""
+            raise BadRequest(prefix + str(exc)) from None
+        metrics.DECODE.observe(time.perf_counter() - t0)
+        return pixels
+
+    def _submit(self, pixels: np.ndarray, top_k: int, probabilities: bool) -> str:
+        try:
+            return self.queue.submit(pixels, top_k, probabilities)
+        except QueueFull:
+            raise Unavailable("The server is at capacity (request queue full); retry shortly.", 1) from None
+        except redis.RedisError as exc:
+            log.warning("redis unavailable on submit: %s", exc)
+            raise Unavailable("The request queue is unreachable; retry shortly.", 2) from None
+
+    def _wait(self, request_id: str, started: float) -> Result:
+        timeout = self.settings.request_timeout_s
+        remaining = timeout - (time.perf_counter() - started)
+        try:
+            reply = self.queue.wait(request_id, max(remaining, 0.01))
+        except ReplyTimeout:
+            raise ResultTimeout(
+                f"No result within {timeout:g} s; the workers are busy or down. Retry later."
+            ) from None
+        except redis.RedisError as exc:
+            log.warning("redis unavailable while waiting: %s", exc)
+            raise Unavailable("The request queue became unreachable while waiting; retry shortly.", 2) from None
+        if not reply.get("ok"):
+            raise InferenceFailed(reply.get("error") or "The model failed on this image.")
+        probs = reply.get("probabilities")
+        return Result(
+            predictions=reply["predictions"],
+            model=reply.get("model"),
+            probabilities=decode_probabilities(probs) if probs is not None else None,
+        )
+
+
+def decode_base64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest(f"{what} is not valid base64; send the image file's bytes base64-encoded.") from None

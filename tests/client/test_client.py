@@ -1,0 +1,156 @@
+"""`inferstack classify` as a user runs it: a real folder, the installed console script, a real stack."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+from inferstack.client import Client, ClassifyError, iter_images
+from tests.conftest import DIGIT_LABELS, digits_env, stack_log
+
+CLI = str(Path(sys.executable).with_name("inferstack"))
+FORMATS = [("png", "PNG"), ("jpg", "JPEG"), ("gif", "GIF"), ("bmp", "BMP"), ("tiff", "TIFF"), ("webp", "WEBP")]
+
+
+def encode(arr: np.ndarray, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, digits_model) -> dict[str, object]:
+    """200 image files in nested folders, six formats, five of them corrupt; plus a non-image."""
+    root = tmp_path_factory.mktemp("images")
+    truth: dict[str, str] = {}
+    for i in range(195):
+        ext, fmt = FORMATS[i % len(FORMATS)]
+        sub = root / f"batch{i % 3}" / ("deep" if i % 7 == 0 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        path = sub / f"digit{i:03d}.{ext}"
+        path.write_bytes(encode(digits_model["x_test"][i], fmt))
+        truth[str(path)] = DIGIT_LABELS[digits_model["y_test"][i]]
+    good_jpeg = encode(digits_model["x_test"][0], "JPEG")
+    corrupt = {
+        "truncated.jpg": good_jpeg[: len(good_jpeg) // 3],
+        "text.png": b"this is not an image\n",
+        "empty.gif": b"",
+        "noise.webp": os.urandom(2000),
+        "header-only.png": encode(digits_model["x_test"][1], "PNG")[:40],
+    }
+    for name, data in corrupt.items():
+        (root / "batch1" / name).write_bytes(data)
+    (root / "notes.txt").write_text("not an image: the walk skips it\n")
+    return {"root": root, "truth": truth, "corrupt": {str(root / "batch1" / n) for n in corrupt}}
+
+
+@pytest.fixture(scope="module")
+def stack(make_stack, digits_model):
+    return make_stack(workers=1, env=digits_env(digits_model))
+
+
+def read_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def test_walk_finds_every_image_in_sorted_order(folder):
+    found = list(iter_images([folder["root"]]))
+    assert len(found) == 200 and set(found) == set(folder["truth"]) | folder["corrupt"]
+    assert not any(p.endswith(".txt") for p in found)
+
+
+def test_killed_half_way_then_resumed_classifies_each_image_exactly_once(stack, folder, tmp_path):
+    out = tmp_path / "out.jsonl"
+    argv = [CLI, "classify", str(folder["root"]), "--url", stack.url, "--out", str(out), "--concurrency", "4"]
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    worker = stack.workers[0]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and run.poll() is None:
+            if out.exists() and out.read_text().count("\n") >= 50:
+                break
+            time.sleep(0.005)
+        # Freeze the worker so the run cannot finish on its own, then kill the run half-way.
+        worker.send_signal(signal.SIGSTOP)
+        run.kill()
+        run.wait(30)
+    finally:
+        worker.send_signal(signal.SIGCONT)
+    first = read_lines(out)
+    assert 50 <= len(first) < 200, run.stderr.read().decode()[-2000:]
+    with out.open("a") as fh:
+        fh.write('{"path": "' + str(folder["root"]))  # a line torn by the kill
+
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 1, resumed.stderr  # the corrupt files failed
+    skipped = int(re.search(r"(\d+) already done", resumed.stderr).group(1))
+    assert skipped == len(first), resumed.stderr  # the first run's answers were not asked again
+
+    records = read_lines(out)
+    paths = [r["path"] for r in records]
+    assert len(paths) == len(set(paths)) == 200, "every image exactly once"
+    assert set(paths) == set(folder["truth"]) | folder["corrupt"]
+    by_path = {r["path"]: r for r in records}
+    for path in folder["corrupt"]:
+        assert by_path[path]["status"] == 400 and by_path[path]["error"], by_path[path]
+    correct = 0
+    for path, label in folder["truth"].items():
+        preds = by_path[path]["predictions"]
+        assert len(preds) == 5 and preds[0]["label"] in DIGIT_LABELS
+        correct += preds[0]["label"] == label
+    assert correct / len(folder["truth"]) > 0.8, stack_log(stack)
+
+    # Nothing left to do: a third run sends nothing and still reports the failures.
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 1 and "0 classified" in again.stderr and "200 already done" in again.stderr
+    assert read_lines(out) == records
+
+
+def test_all_good_images_exit_zero_and_stdout_is_json_lines(stack, folder):
+    files = sorted(folder["truth"])[:6]
+    done = subprocess.run([CLI, "classify", *files, "--url", stack.url, "--top-k", "2", "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert sorted(r["path"] for r in lines) == files
+    assert all(len(r["predictions"]) == 2 for r in lines)
+
+
+def test_503_is_retried_after_retry_after(make_stack, digits_model, folder, tmp_path):
+    # A queue of one: concurrent requests meet "queue full" and must come back later.
+    busy = make_stack(workers=1, env=digits_env(digits_model, INFERSTACK_MAX_QUEUE="1"))
+    files = sorted(folder["truth"])[:40]
+    out = tmp_path / "busy.jsonl"
+    t0 = time.monotonic()
+    done = subprocess.run([CLI, "classify", *files, "--url", busy.url, "--out", str(out), "--concurrency", "8",
+                           "--retries", "100"], capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr
+    # The server says Retry-After: 1; a client that honours it spends at least that long waiting.
+    assert elapsed >= 1.0
+    assert sorted(r["path"] for r in read_lines(out)) == files
+    assert all("predictions" in r for r in read_lines(out))
+    metrics = requests.get(busy.url + "/metrics", timeout=10).text
+    rejected = re.search(r'inferstack_requests_total\{code="503"\} (\d+)', metrics)
+    assert rejected and float(rejected.group(1)) > 0, "the test needs the server to have answered 503"
+
+
+def test_library_raises_with_the_services_error(stack, folder):
+    client = Client(stack.url, top_k=3)
+    preds = client.classify_file(sorted(folder["truth"])[0])
+    assert len(preds) == 3
+    with pytest.raises(ClassifyError) as info:
+        client.classify(b"nope", "x.png")
+    assert info.value.status == 400 and not info.value.retryable and "image" in info.value.message
