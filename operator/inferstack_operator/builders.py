@@ -25,6 +25,7 @@ from inferstack_operator.names import (
     REDIS,
     REDIS_PORT,
     WEB,
+    WEB_METRICS_PORT,
     WEB_PORT,
     WORKER,
     auth_secret_name,
@@ -199,6 +200,7 @@ def web_env(r: Resolved) -> list[EnvVar]:
     return [
         _secret_env("INFERSTACK_REDIS_URL", r, cred.WEB_URL_KEY),
         {"name": "INFERSTACK_PORT", "value": str(WEB_PORT)},
+        {"name": "INFERSTACK_METRICS_PORT", "value": str(WEB_METRICS_PORT)},
         {"name": "INFERSTACK_REQUEST_TIMEOUT_S", "value": str(r.request_timeout_s)},
         {"name": "INFERSTACK_MAX_IMAGE_BYTES", "value": str(r.max_image_bytes)},
         {"name": "HOME", "value": "/tmp"},
@@ -212,7 +214,8 @@ def build_web_deployment(r: Resolved, settings: OperatorSettings) -> Manifest:
         "image": r.web.image or settings.web_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["inferstack-web"],
-        "ports": [{"name": "http", "containerPort": WEB_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "http", "containerPort": WEB_PORT, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": WEB_METRICS_PORT, "protocol": "TCP"}],
         "envFrom": [{"configMapRef": {"name": config_name(r.name)}}],
         "env": env,
         "readinessProbe": {

@@ -17,6 +17,8 @@ WORKER = "worker"
 REDIS = "redis"
 WEB_PORT = 8080
 REDIS_PORT = 6379
+# The web pods' /metrics listener: off the public port, so the Service never exposes it.
+WEB_METRICS_PORT = 9090
 # The data plane's Redis key prefix (its INFERSTACK_QUEUE_PREFIX default): the ACL grants these keys.
 QUEUE_PREFIX = "inferstack"
 

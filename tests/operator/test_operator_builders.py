@@ -127,9 +127,12 @@ def test_defaults() -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["ports"][0]["containerPort"] == 8080
+    # /metrics on its own port, which the front Service (targetPort http) never exposes.
+    assert c["ports"][1] == {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}
     assert c["envFrom"] == [{"configMapRef": {"name": "demo-config"}}]
     assert env(web) | {} == {"INFERSTACK_REDIS_URL": {"secretKeyRef": {"name": "demo-redis-auth", "key": "web-url"}},
-                             "INFERSTACK_PORT": "8080", "INFERSTACK_REQUEST_TIMEOUT_S": "30",
+                             "INFERSTACK_PORT": "8080", "INFERSTACK_METRICS_PORT": "9090",
+                             "INFERSTACK_REQUEST_TIMEOUT_S": "30",
                              "INFERSTACK_MAX_IMAGE_BYTES": "10485760", "HOME": "/tmp"}
 
     worker = objs["Deployment/demo-worker"]

@@ -15,20 +15,14 @@ from PIL import Image
 
 from inferstack.config import ConfigError, Settings
 
+from .model_files import load_model_file, read_labels
+
 log = logging.getLogger("inferstack.worker")
 
 
 def imagenet_labels() -> list[str]:
     text = resources.files("inferstack").joinpath("data/imagenet_labels.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def read_labels(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return [line.rstrip("\r\n") for line in fh if line.strip()]
-    except OSError as exc:
-        raise ConfigError(f"cannot read labels file {path!r}: {exc.strerror}") from None
 
 
 def _is_file_model(spec: str) -> bool:
@@ -191,7 +185,7 @@ def load_classifier(settings: Settings) -> Classifier:
         if not os.path.exists(spec):
             raise ConfigError(f"INFERSTACK_MODEL points to {spec!r}, which does not exist")
         log.info("loading saved model %s", spec)
-        model = keras.saving.load_model(spec, compile=False)
+        model = load_model_file(spec)
         # A saved model carries its own preprocessing (e.g. a Rescaling layer) and sees 0..255 RGB.
         preprocess = None
         name = os.path.basename(spec)

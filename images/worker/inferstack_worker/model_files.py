@@ -10,6 +10,7 @@ and no code, and stay allowed.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from inferstack.config import ConfigError
 
@@ -25,6 +26,21 @@ def check_model_file(path: str) -> None:
         raise ConfigError(
             f"model {path!r} is a legacy HDF5 whole-model file, which can run arbitrary code when loaded; "
             "re-save it as .keras (model.save('model.keras')) and point INFERSTACK_MODEL at that")
+
+
+def load_model_file(path: str) -> Any:
+    """A saved .keras model, loaded so that it cannot run code it carries."""
+    check_model_file(path)
+    import keras
+
+    try:
+        return keras.saving.load_model(path, compile=False, safe_mode=True)
+    except ValueError as exc:
+        if "safe_mode" not in str(exc):
+            raise
+        raise ConfigError(
+            f"model {path!r} holds code (e.g. a Lambda layer) that Keras' safe mode refuses to load; "
+            "rebuild it from registered layers") from None
 
 
 def read_labels(path: str) -> list[str]:
