@@ -24,15 +24,21 @@ HEALTH = "health"
 _SCRIPTS = ("evalsha", "eval", "script|load", "time")
 
 # The web tier: enqueue (script: XLEN, XADD, PUBLISH), wait for the reply (BLPOP), read the
-# queue depth, the model info and the live workers (script: ZREMRANGEBYSCORE, ZRANGE).
-WEB_COMMANDS = (*_SCRIPTS, "ping", "xlen", "xadd", "publish", "blpop", "get", "zremrangebyscore", "zrange")
+# queue depth, the model info and the live workers (script: ZREMRANGEBYSCORE, ZRANGE). INFO:
+# memory admission stops queueing near maxmemory, so that the workers' replies still fit (INFO
+# reads server statistics, no keys).
+WEB_COMMANDS = (*_SCRIPTS, "ping", "xlen", "xadd", "publish", "blpop", "get", "zremrangebyscore", "zrange",
+                "info")
 
 # A worker: heartbeat (script: ZADD, SET), read its batches from the consumer group, wait for
-# arrivals (SUBSCRIBE), reclaim a dead worker's requests, reply and acknowledge (MULTI/EXEC).
+# arrivals (SUBSCRIBE), reclaim a dead worker's requests, reply and acknowledge (MULTI/EXEC),
+# move an entry it cannot serve to the dead-letter stream (XADD), trim answered entries off the
+# stream's head (script: XPENDING, XINFO GROUPS, XTRIM).
 WORKER_COMMANDS = (
     *_SCRIPTS, "ping", "zadd", "set", "zrem", "zremrangebyscore", "zrange",
-    "xgroup|create", "xgroup|delconsumer", "xreadgroup", "xinfo|consumers", "xpending", "xclaim",
-    "xack", "xdel", "rpush", "expire", "subscribe", "unsubscribe", "multi", "exec", "discard",
+    "xgroup|create", "xgroup|delconsumer", "xreadgroup", "xinfo|consumers", "xinfo|groups", "xpending",
+    "xclaim", "xack", "xdel", "xadd", "xtrim", "rpush", "expire", "subscribe", "unsubscribe",
+    "multi", "exec", "discard",
 )
 
 # KEDA's redis-streams scaler: read-only, on the request stream only.

@@ -13,6 +13,7 @@ import dataclasses
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ import redis
 import requests
 
 from inferstack.config import Settings
-from inferstack.protocol import Keys, WebQueue
+from inferstack.protocol import HEARTBEAT_TTL_S, Keys, WebQueue, WorkerQueue
 from inferstack_operator import builders, spec
 from inferstack_operator.config import OperatorSettings
 from inferstack_operator.credentials import RedisAuth
@@ -205,3 +206,46 @@ def _non_loopback_address() -> str:
         address: str = s.getsockname()[0]
     assert not address.startswith("127."), "no non-loopback IPv4 address on this machine"
     return address
+
+
+@pytest.fixture(scope="module")
+def quiet_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    """The same configuration with no stack around it: the test plays every part itself."""
+    auth = RedisAuth.generate()
+    manifests = built(auth)
+    secret = secret_text(manifests)
+    (redis_container,) = manifests["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    folder = tmp_path_factory.mktemp("quiet-redis")
+    (folder / "users.acl").write_text(secret["users.acl"])
+    (folder / "data").mkdir()
+    stack = LocalStack(log_dir=str(folder / "logs"),
+                       redis_args=local_args(redis_container, folder / "users.acl", folder / "data"))
+    stack.start_redis()
+    yield Secured(stack, secret, redis_container, auth)
+    stack.stop()
+
+
+def test_worker_user_does_its_whole_job(quiet_redis: Secured) -> None:
+    """Every WorkerQueue step, including taking over a dead worker's requests, as the worker user."""
+    web = WebQueue(quiet_redis.url("web-url"), QUEUE_PREFIX, max_queue=100, timeout_s=30)
+    ghost = WorkerQueue(quiet_redis.url("worker-url"), QUEUE_PREFIX, "ghost", block_ms=100)
+    worker = WorkerQueue(quiet_redis.url("worker-url"), QUEUE_PREFIX, "live", block_ms=100)
+    ghost.ensure_group()
+    worker.ensure_group()  # BUSYGROUP is fine
+    worker.heartbeat({"name": "m", "input_shape": [4, 4, 3], "classes": 2})
+    pixels = np.zeros((4, 4, 3), np.uint8)
+    first, second = web.submit(pixels, top_k=1), web.submit(pixels, top_k=1)
+    # The ghost takes one request and dies without a heartbeat: the live worker claims it.
+    assert [r.request_id for r in ghost.take_batch(1, 0)] == [first]
+    taken = worker.take_batch(8, 0)
+    assert [r.request_id for r in taken] == [second]
+    time.sleep(HEARTBEAT_TTL_S / 2 + 0.5)  # XCLAIM takes entries idle for at least half a heartbeat
+    claimed = worker.reclaim_from_dead(10)
+    assert [r.request_id for r in claimed] == [first] and claimed[0].deliveries == 2
+    batch = claimed + taken
+    assert {r.request_id for r in batch} == {first, second}
+    worker.complete([(r, {"ok": True, "predictions": [], "model": "m"}) for r in batch], worker.now_ms())
+    assert web.wait(first)["ok"] and web.wait(second)["ok"]
+    assert web.depth() == 0 and web.live_workers() == ["live"] and web.model_info()["name"] == "m"
+    worker.leave()
+    assert web.live_workers() == []
