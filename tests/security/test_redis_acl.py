@@ -137,6 +137,8 @@ def test_web_user_enqueues_and_reads_its_reply(secured: Secured) -> None:
     reply = queue.wait(request_id)  # answered by the stack's worker, as the worker user
     assert reply["ok"] and len(reply["predictions"]) == 2
     assert queue.live_workers() and queue.model_info() is not None and queue.depth() >= 0
+    # Memory admission reads INFO (server statistics only, no keys).
+    assert int(queue.fast.info("memory")["maxmemory"]) > 0
 
 
 @pytest.mark.parametrize("key", ["web-url", "worker-url"])
