@@ -8,6 +8,10 @@
 
 Prints a table and the ratios, writes JSON and a PNG plot under bench/results/.
 Usage: python bench/bench.py [--model ResNet50] [--duration 15] [--quick]
+
+With --runtime/--precision (e.g. --runtime keras,openvino --precision fp32,bf16,int8) it compares
+runtimes instead: every combination raw and served at 1 and 16 clients, in alternating rounds, and
+writes bench/results/runtimes.json.
 """
 
 from __future__ import annotations
@@ -52,11 +56,11 @@ def multipart(data: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def load_raw(model: str, weights: str, batch_size: int):
+def load_raw(model: str, weights: str, batch_size: int, **runtime: str | None):
     """The worker's own classifier (same compiled call), in this process."""
     from inferstack_worker.model import load_classifier
 
-    clf = load_classifier(Settings(model=model, weights=weights, batch_size=batch_size))
+    clf = load_classifier(Settings(model=model, weights=weights, batch_size=batch_size, **runtime))
     clf.warm_up(batch_size)
     x = clf.prepare(decode_image(photo_jpeg(), clf.input_shape[:2]))
     return clf, x
@@ -206,6 +210,118 @@ def plot(result: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def calibration_folder(path: Path) -> str:
+    """Photos shipped with scikit-image, with crops and mirror images: int8 calibration for the bench."""
+    import skimage.data
+    from PIL import Image
+
+    path.mkdir(parents=True, exist_ok=True)
+    for name in ("astronaut", "chelsea", "coffee", "rocket", "cat", "camera", "text", "moon", "coins",
+                 "clock", "horse", "page", "brick", "grass", "gravel", "colorwheel", "logo"):
+        try:
+            im = Image.fromarray(np.asarray(getattr(skimage.data, name)())).convert("RGB")
+        except Exception:  # some need a download; this machine may not have them
+            continue
+        w, h = im.size
+        for i, box in enumerate([(0, 0, w, h), (0, 0, w * 2 // 3, h * 2 // 3), (w // 3, h // 3, w, h)]):
+            crop = im.crop(box)
+            crop.save(path / f"{name}-{i}.jpg", quality=90)
+            crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path / f"{name}-{i}-mirror.jpg", quality=90)
+    return str(path)
+
+
+def compare_runtimes(args: argparse.Namespace) -> int:
+    """Raw and served figures per runtime/precision, measured in alternating rounds."""
+    import tempfile
+
+    combos = [(r, p) for r in args.runtime.split(",") for p in args.precision.split(",")
+              if not (r == "keras" and p == "int8") and not (r == "keras" and p == "fp16")]
+    body, ctype = multipart(photo_jpeg())
+    calibration = args.calibration_dir or calibration_folder(Path(tempfile.mkdtemp()) / "calibration")
+    raws = {}
+    for runtime, precision in combos:
+        t0 = time.perf_counter()
+        raws[(runtime, precision)] = load_raw(args.model, args.weights, args.batch_size, runtime=runtime,
+                                              precision=precision, calibration_dir=calibration)
+        print(f"loaded {runtime} {precision} in {time.perf_counter() - t0:.1f} s "
+              f"(runs {raws[(runtime, precision)][0].precision})", flush=True)
+    stacks = {}
+    try:
+        for runtime, precision in combos:
+            env = {"INFERSTACK_MODEL": args.model, "INFERSTACK_WEIGHTS": args.weights,
+                   "INFERSTACK_BATCH_SIZE": str(args.batch_size), "INFERSTACK_RUNTIME": runtime,
+                   "INFERSTACK_PRECISION": precision, "INFERSTACK_CALIBRATION_DIR": calibration}
+            # All stacks up at once (idle ones cost no CPU), so rounds can alternate between them.
+            stacks[(runtime, precision)] = LocalStack(env=env).start(workers=1)
+            load(stacks[(runtime, precision)].url, 2, 1.0, body, ctype)
+        rounds: dict = {c: {"raw_img_s": [], "raw_b1_ms": [], "served16_img_s": [], "served1_p50_ms": [],
+                            "served16_p50_ms": []} for c in combos}
+        d = args.duration
+        for i in range(args.rounds):
+            order = combos if i % 2 == 0 else combos[::-1]
+            for c in order:
+                clf, x = raws[c]
+                r = rounds[c]
+                r["raw_img_s"].append(raw_throughput(clf, x, args.batch_size, d))
+                r["raw_b1_ms"].append(float(np.median(raw_latencies(clf, x, d / 2))))
+                s16 = load(stacks[c].url, 16, d, body, ctype)
+                s1 = load(stacks[c].url, 1, d / 2, body, ctype)
+                r["served16_img_s"].append(s16["throughput_img_s"])
+                r["served16_p50_ms"].append(s16["p50_ms"])
+                r["served1_p50_ms"].append(s1["p50_ms"])
+                print(f"round {i + 1} {c[0]:8} {c[1]:4}: raw {r['raw_img_s'][-1]:6.1f} img/s, "
+                      f"b1 {r['raw_b1_ms'][-1]:6.1f} ms; served@16 {s16['throughput_img_s']:6.1f} img/s "
+                      f"(failures {s16['failures']}); p50@1 {s1['p50_ms']:6.1f} ms", flush=True)
+    finally:
+        for stack in stacks.values():
+            stack.stop()
+    rows = []
+    base = rounds.get(("keras", "fp32"))
+    print(f"\nruntime  precision runs  raw img/s  raw b1 ms  served@16 img/s  served/raw  p50@1 ms  "
+          f"p50@16 ms  served@16 vs keras fp32   (median of {args.rounds} rounds; spread min-max)")
+    for c in combos:
+        r = rounds[c]
+        med = {k: float(np.median(v)) for k, v in r.items()}
+        spread = {k: [float(min(v)), float(max(v))] for k, v in r.items()}
+        row = {"runtime": c[0], "precision": c[1], "runs": raws[c][0].precision, **med, "spread": spread,
+               "served_over_raw": med["served16_img_s"] / med["raw_img_s"]}
+        if base:
+            row["speedup_served16_over_keras_fp32"] = med["served16_img_s"] / float(np.median(base["served16_img_s"]))
+            row["speedup_raw_over_keras_fp32"] = med["raw_img_s"] / float(np.median(base["raw_img_s"]))
+        rows.append(row)
+        print(f"{c[0]:8} {c[1]:9} {row['runs']:5} {med['raw_img_s']:9.1f} {med['raw_b1_ms']:10.1f} "
+              f"{med['served16_img_s']:16.1f} {row['served_over_raw']:11.2f} {med['served1_p50_ms']:9.1f} "
+              f"{med['served16_p50_ms']:10.1f} {row.get('speedup_served16_over_keras_fp32', float('nan')):10.2f}x"
+              f"    raw {spread['raw_img_s'][0]:.1f}-{spread['raw_img_s'][1]:.1f}, "
+              f"served {spread['served16_img_s'][0]:.1f}-{spread['served16_img_s'][1]:.1f}")
+    import openvino as ov
+
+    result = {
+        "model": args.model, "batch_size": args.batch_size, "duration_s_per_point": args.duration,
+        "rounds": args.rounds, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "cpu": ov.Core().get_property("CPU", "FULL_DEVICE_NAME"),
+                    "openvino_capabilities": list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+                    "flags": sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx", "fma")))},
+        "results": rows,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "runtimes.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out / 'runtimes.json'}")
+    return 0
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.environ.get("BENCH_MODEL", "ResNet50"))
@@ -216,7 +332,15 @@ def main() -> int:
     ap.add_argument("--delays", default="0,2,5,10,20", help="batch delays (ms) tried at 8 clients; '' skips")
     ap.add_argument("--quick", action="store_true", help="short smoke run: 3 s per point, fewer levels")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--runtime", default="", help="compare runtimes: e.g. keras,openvino")
+    ap.add_argument("--precision", default="", help="with --runtime: e.g. fp32,bf16,int8")
+    ap.add_argument("--rounds", type=int, default=3, help="with --runtime: alternating measurement rounds")
+    ap.add_argument("--calibration-dir", default=None, help="int8 calibration images (default: scikit-image photos)")
     args = ap.parse_args()
+    if args.runtime or args.precision:
+        args.runtime = args.runtime or "keras,openvino"
+        args.precision = args.precision or "fp32"
+        return compare_runtimes(args)
     if args.quick:
         args.duration, args.clients, args.delays = 3.0, "1,8,32", "0,5"
     levels = [int(c) for c in args.clients.split(",")]

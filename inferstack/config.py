@@ -38,6 +38,17 @@ def _float(env: Mapping[str, str], name: str, default: float, lo: float) -> floa
     return value
 
 
+RUNTIMES = ("auto", "keras", "openvino")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = (env.get(name) or default).strip().lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -63,8 +74,11 @@ class Settings:
     access_log: str | None = None
     log_level: str = "INFO"
     baked_keras_home: str = "/opt/keras"
-    runtime: str | None = None
-    precision: str | None = None
+    # auto: OpenVINO on CPU when installed, Keras on GPU; precision auto: see the README runtime table.
+    runtime: str = "auto"
+    precision: str = "auto"
+    calibration_dir: str | None = None
+    cache_dir: str | None = None
     # The model's name in the Open Inference Protocol (v2) API; empty means derived from `model`.
     model_name: str = ""
 
@@ -98,8 +112,10 @@ class Settings:
             access_log=env.get("INFERSTACK_ACCESS_LOG") or None,
             log_level=(env.get("INFERSTACK_LOG_LEVEL") or cls.log_level).upper(),
             baked_keras_home=env.get("INFERSTACK_BAKED_KERAS_HOME") or cls.baked_keras_home,
-            runtime=env.get("INFERSTACK_RUNTIME") or None,
-            precision=env.get("INFERSTACK_PRECISION") or None,
+            runtime=_choice(env, "INFERSTACK_RUNTIME", cls.runtime, RUNTIMES),
+            precision=_choice(env, "INFERSTACK_PRECISION", cls.precision, PRECISIONS),
+            calibration_dir=env.get("INFERSTACK_CALIBRATION_DIR") or None,
+            cache_dir=env.get("INFERSTACK_CACHE_DIR") or None,
             model_name=(env.get("INFERSTACK_MODEL_NAME") or "").strip(),
         )
 

@@ -109,6 +109,8 @@ def digits_env(model: dict[str, object], **extra: str) -> dict[str, str]:
         "INFERSTACK_LABELS": str(model["labels"]),
         "INFERSTACK_WEB_PROCESSES": "2",
         "INFERSTACK_WEB_THREADS": "16",
+        # auto would pick bf16 on CPUs with AMX; the exactness checks need fp32 everywhere.
+        "INFERSTACK_PRECISION": "fp32",
     }
     env.update(extra)
     return env

@@ -16,6 +16,7 @@ from typing import Any
 
 from kubernetes.utils import parse_quantity
 
+from inferstack.config import PRECISIONS, RUNTIMES
 from inferstack_operator import names
 from inferstack_operator.credentials import RedisAuth
 from inferstack_operator.reasons import SpecError
@@ -28,8 +29,6 @@ GPU_RESOURCE = "nvidia.com/gpu"
 MAX_NAME_LENGTH = 40
 DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-RUNTIMES = ("keras", "openvino", "auto")
-PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 
 
 def quantity(value: str | int | float) -> Decimal:

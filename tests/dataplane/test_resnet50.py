@@ -29,7 +29,8 @@ def resnet_weights(tmp_path_factory):
 def stack(make_stack, resnet_weights):
     path, _ = resnet_weights
     return make_stack(workers=1, env={"INFERSTACK_MODEL": "ResNet50", "INFERSTACK_WEIGHTS": path,
-                                      "INFERSTACK_BATCH_SIZE": "4"})
+                                      "INFERSTACK_BATCH_SIZE": "4",
+                                      "INFERSTACK_PRECISION": "fp32"})
 
 
 def test_resnet50_served_equals_in_process_with_imagenet_labels(stack, resnet_weights, photos):

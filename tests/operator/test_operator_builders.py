@@ -352,7 +352,7 @@ def test_config_change_rolls_both_tiers_but_worker_change_only_the_worker() -> N
     ("demo", {"web": {"resources": {"requests": {"cpu": "lots"}}}}, "is not a quantity"),
     ("demo", {"service": {"type": "Ingress"}}, "spec.service.type must be"),
     ("demo", {"redis": {"storage": "big"}}, "spec.redis.storage"),
-    ("demo", {"model": {"runtime": "onnx"}}, "spec.model.runtime must be one of keras, openvino, auto"),
+    ("demo", {"model": {"runtime": "onnx"}}, "spec.model.runtime must be one of auto, keras, openvino"),
     ("demo", {"imagePullSecrets": [{"name": "Bad_Name"}]}, "spec.imagePullSecrets[0].name"),
     ("demo", {"web": {"env": [{"value": "x"}]}}, "spec.web.env[0] needs a name"),
     ("demo", {"worker": {"affinity": "gpu"}}, "spec.worker.affinity must be"),

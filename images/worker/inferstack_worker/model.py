@@ -1,4 +1,7 @@
-"""Load a Keras classifier once and expose one compiled batch call: uint8 images -> probabilities."""
+"""Load the classifier once and expose one compiled batch call: uint8 images -> probabilities.
+
+The runtime (Keras or OpenVINO) and precision come from runtime.resolve(); both give the same
+Classifier, so the batching loop does not know which one runs."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from PIL import Image
 from inferstack.config import ConfigError, Settings
 
 from .model_files import load_model_file, read_labels
+from .runtime import Plan, bucket_sizes, resolve
 
 log = logging.getLogger("inferstack.worker")
 
@@ -71,95 +75,55 @@ def link_baked_weights(baked_home: str | None = None) -> int:
     return linked
 
 
+def prepare_pixels(pixels: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """One queued uint8 image -> float32 (h, w, c) at the model's size."""
+    h, w, c = input_shape
+    if pixels.shape[:2] != (h, w):
+        pixels = np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR))
+    x = pixels.astype(np.float32)
+    if c == 1 and x.shape[2] == 3:
+        x = x @ np.array([[0.299], [0.587], [0.114]], dtype=np.float32)
+    return x
+
+
 class Classifier:
-    """A Keras image classifier with its preprocessing and labels."""
+    """An image classifier behind one compiled batch call (Keras or OpenVINO), with its labels."""
 
-    def __init__(self, model: Any, name: str, labels: list[str], preprocess: Callable[[Any], Any] | None) -> None:
-        import keras
-
-        self.model = model
+    def __init__(
+        self,
+        name: str,
+        labels: list[str],
+        input_shape: tuple[int, int, int],
+        call: Callable[[np.ndarray], Any],
+        *,
+        buckets: list[int] | None = None,
+        runtime: str = "keras",
+        precision: str = "fp32",
+    ) -> None:
         self.name = name
         self.labels = labels
-        shape = model.input_shape
-        if isinstance(shape, list):
-            raise ConfigError(f"model {name!r} has several inputs; an image classifier needs exactly one")
-        _, h, w, c = shape
-        self.input_shape = (h or 224, w or 224, c or 3)
-        if self.input_shape[2] not in (1, 3):
-            raise ConfigError(f"model {name!r} expects {self.input_shape[2]} channels; only 1 or 3 are supported")
-        self.backend = keras.backend.backend()
-        self._call, self._pad = self._compile(preprocess)
-        classes = int(np.prod(model.output_shape[1:]))
-        if classes != len(labels):
-            raise ConfigError(
-                f"the labels list has {len(labels)} entries but model {name!r} outputs {classes} classes"
-            )
-
-    def _compile(self, preprocess: Callable[[Any], Any] | None) -> tuple[Callable[[np.ndarray], Any], bool]:
-        model = self.model
-        h, w, c = self.input_shape
-
-        def forward(x: Any) -> Any:
-            if preprocess is not None:
-                x = preprocess(x)
-            return model(x, training=False)
-
-        if self.backend == "tensorflow":
-            import tensorflow as tf
-
-            # One trace for every batch size: the batch dimension stays dynamic.
-            fn = tf.function(forward, input_signature=[tf.TensorSpec([None, h, w, c], tf.float32)])
-            return (lambda x: fn(tf.constant(x)).numpy()), False
-        if self.backend == "jax":
-            import jax
-
-            trainable = [v.value for v in model.trainable_variables]
-            frozen = [v.value for v in model.non_trainable_variables]
-
-            @jax.jit
-            def jitted(tv: Any, ntv: Any, x: Any) -> Any:
-                if preprocess is not None:
-                    x = preprocess(x)
-                y, _ = model.stateless_call(tv, ntv, x, training=False)
-                return y
-
-            # jit specialises on shape: pad batches to powers of two to bound recompiles.
-            return (lambda x: np.asarray(jitted(trainable, frozen, x))), True
-        if self.backend == "torch":
-            import torch
-
-            def call(x: np.ndarray) -> Any:
-                with torch.no_grad():
-                    y = forward(torch.from_numpy(x).to(next(iter(model.parameters())).device))
-                return y.detach().cpu().numpy()
-
-            return call, False
-        return (lambda x: np.asarray(forward(x))), False
+        self.input_shape = input_shape
+        self.runtime = runtime
+        self.precision = precision
+        self._call = call
+        # Shape-specialising compilers (XLA, JAX) see only these batch sizes: no compile while serving.
+        self._buckets = sorted(buckets) if buckets else None
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        """One queued uint8 image -> float32 (h, w, c) at the model's size."""
-        h, w, c = self.input_shape
-        if pixels.shape[:2] != (h, w):
-            pixels = np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR))
-        x = pixels.astype(np.float32)
-        if c == 1 and x.shape[2] == 3:
-            x = x @ np.array([[0.299], [0.587], [0.114]], dtype=np.float32)
-        return x
+        return prepare_pixels(pixels, self.input_shape)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 (n, h, w, c) -> probabilities (n, classes)."""
         n = batch.shape[0]
-        if self._pad:
-            size = 1 << (n - 1).bit_length()
+        if self._buckets:
+            size = next((b for b in self._buckets if b >= n), n)
             if size != n:
                 batch = np.concatenate([batch, np.zeros((size - n, *batch.shape[1:]), batch.dtype)])
         out = self._call(batch)
         return np.asarray(out, dtype=np.float32).reshape(out.shape[0], -1)[:n]
 
     def warm_up(self, batch_size: int) -> None:
-        sizes = {1, batch_size}
-        if self._pad:
-            sizes = {1 << i for i in range((batch_size - 1).bit_length() + 1)}
+        sizes = set(self._buckets) if self._buckets else {1, batch_size}
         for n in sorted(sizes):
             self.predict(np.zeros((n, *self.input_shape), np.float32))
 
@@ -172,12 +136,37 @@ class Classifier:
     def info(self) -> dict[str, Any]:
         # Labels let the web tier answer the v2 classification extension from a probability vector.
         return {"name": self.name, "input_shape": list(self.input_shape), "classes": len(self.labels),
-                "labels": self.labels}
+                "labels": self.labels, "runtime": self.runtime, "precision": self.precision}
 
 
-def load_classifier(settings: Settings) -> Classifier:
-    """INFERSTACK_MODEL is a keras.applications name or a saved model file."""
-    _configure_gpus()
+def _input_shape(name: str, input_shape: Any) -> tuple[int, int, int]:
+    if isinstance(input_shape, list):
+        raise ConfigError(f"model {name!r} has several inputs; an image classifier needs exactly one")
+    _, h, w, c = input_shape
+    shape = (h or 224, w or 224, c or 3)
+    if shape[2] not in (1, 3):
+        raise ConfigError(f"model {name!r} expects {shape[2]} channels; only 1 or 3 are supported")
+    return shape
+
+
+def _labels(settings: Settings, name: str, classes: int) -> list[str]:
+    if settings.labels:
+        labels = read_labels(settings.labels)
+        if classes != len(labels):
+            raise ConfigError(f"the labels list has {len(labels)} entries but model {name!r} outputs {classes} classes")
+        return labels
+    if classes == 1000:
+        return imagenet_labels()
+    log.warning("no INFERSTACK_LABELS for a %d-class model: labels will be class indices", classes)
+    return [str(i) for i in range(classes)]
+
+
+def _model_name(spec: str) -> str:
+    return os.path.basename(spec) if _is_file_model(spec) else spec
+
+
+def load_keras_model(settings: Settings) -> tuple[Any, Callable[[Any], Any] | None]:
+    """INFERSTACK_MODEL is a keras.applications name or a saved model file: (fp32 model, preprocess)."""
     import keras
 
     spec = settings.model
@@ -185,37 +174,70 @@ def load_classifier(settings: Settings) -> Classifier:
         if not os.path.exists(spec):
             raise ConfigError(f"INFERSTACK_MODEL points to {spec!r}, which does not exist")
         log.info("loading saved model %s", spec)
-        model = load_model_file(spec)
         # A saved model carries its own preprocessing (e.g. a Rescaling layer) and sees 0..255 RGB.
-        preprocess = None
-        name = os.path.basename(spec)
+        return load_model_file(spec), None
+    factory = getattr(keras.applications, spec, None)
+    if not callable(factory):
+        names = sorted(n for n in dir(keras.applications) if n[:1].isupper())
+        raise ConfigError(f"INFERSTACK_MODEL={spec!r} is neither a saved .keras file nor one of {', '.join(names)}")
+    weights: str | None
+    if settings.weights.lower() == "none":
+        weights = None
+    elif settings.weights == "imagenet":
+        weights = "imagenet"
+    elif os.path.exists(settings.weights):
+        weights = settings.weights
     else:
-        factory = getattr(keras.applications, spec, None)
-        if not callable(factory):
-            names = sorted(n for n in dir(keras.applications) if n[:1].isupper())
-            raise ConfigError(f"INFERSTACK_MODEL={spec!r} is neither a saved .keras file nor one of {', '.join(names)}")
-        weights: str | None
-        if settings.weights.lower() == "none":
-            weights = None
-        elif settings.weights == "imagenet":
-            weights = "imagenet"
-        elif os.path.exists(settings.weights):
-            weights = settings.weights
-        else:
-            raise ConfigError(f"INFERSTACK_WEIGHTS={settings.weights!r}: use imagenet, none, or a weights file path")
-        if weights == "imagenet" and link_baked_weights(settings.baked_keras_home):
-            log.info("using ImageNet weights baked into the image")
-        log.info("building %s (weights=%s)", spec, weights)
-        model = factory(weights=weights)
-        # Each architecture has its own preprocessing (caffe BGR means, [-1, 1], torch stats...).
-        preprocess = getattr(sys.modules[factory.__module__], "preprocess_input", None)
-        name = spec
-    labels = read_labels(settings.labels) if settings.labels else None
-    if labels is None:
-        classes = int(np.prod(model.output_shape[1:]))
-        if classes == 1000:
-            labels = imagenet_labels()
-        else:
-            log.warning("no INFERSTACK_LABELS for a %d-class model: labels will be class indices", classes)
-            labels = [str(i) for i in range(classes)]
-    return Classifier(model, name, labels, preprocess)
+        raise ConfigError(f"INFERSTACK_WEIGHTS={settings.weights!r}: use imagenet, none, or a weights file path")
+    if weights == "imagenet" and link_baked_weights(settings.baked_keras_home):
+        log.info("using ImageNet weights baked into the image")
+    log.info("building %s (weights=%s)", spec, weights)
+    model = factory(weights=weights)
+    # Each architecture has its own preprocessing (caffe BGR means, [-1, 1], torch stats...).
+    return model, getattr(sys.modules[factory.__module__], "preprocess_input", None)
+
+
+def _keras_classifier(settings: Settings, plan: Plan) -> Classifier:
+    from . import keras_runtime
+
+    model, preprocess = load_keras_model(settings)
+    name = _model_name(settings.model)
+    shape = _input_shape(name, model.input_shape)
+    labels = _labels(settings, name, int(np.prod(model.output_shape[1:])))
+    model = keras_runtime.with_precision(model, plan.precision)
+    call, pad = keras_runtime.compile_call(model, preprocess, shape, xla=plan.xla)
+    return Classifier(name, labels, shape, call, buckets=bucket_sizes(settings.batch_size) if pad else None,
+                      runtime="keras", precision=plan.precision)
+
+
+def _openvino_classifier(settings: Settings, plan: Plan) -> Classifier:
+    from . import openvino_runtime as ovr
+
+    name = _model_name(settings.model)
+    key = ovr.cache_key(settings, plan.precision, _is_file_model(settings.model))
+    ov_model = ovr.read_cached(settings.cache_dir, key)
+    if ov_model is None:
+        model, preprocess = load_keras_model(settings)
+        shape = _input_shape(name, model.input_shape)
+        if settings.labels:  # a wrong labels file is refused before a long conversion
+            _labels(settings, name, int(np.prod(model.output_shape[1:])))
+        log.info("converting %s to OpenVINO", name)
+        ov_model = ovr.convert(model, preprocess, shape)
+        if plan.precision == "int8":
+            images = ovr.calibration_images(settings.calibration_dir or "", lambda p: prepare_pixels(p, shape), shape)
+            ov_model = ovr.quantize(ov_model, images)
+        ovr.write_cached(ov_model, settings.cache_dir, key)
+    shape = ovr.input_shape_of(ov_model)
+    labels = _labels(settings, name, ovr.classes_of(ov_model))
+    call, effective = ovr.compile_call(ov_model, plan.precision, settings.cache_dir)
+    return Classifier(name, labels, shape, call, runtime="openvino", precision=effective)
+
+
+def load_classifier(settings: Settings) -> Classifier:
+    """The model of INFERSTACK_MODEL on the runtime and precision of INFERSTACK_RUNTIME/PRECISION."""
+    _configure_gpus()
+    plan = resolve(settings)
+    log.info("runtime %s, precision %s%s", plan.runtime, plan.precision, ", XLA" if plan.xla else "")
+    if plan.runtime == "openvino":
+        return _openvino_classifier(settings, plan)
+    return _keras_classifier(settings, plan)
