@@ -42,11 +42,13 @@ RUNTIMES = ("auto", "keras", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
-def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = (env.get(name) or default).strip().lower()
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+def _choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    raw = (env.get(name) or "").strip().lower()
+    if not raw:
+        return default
+    if raw not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return raw
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,16 @@ class Settings:
     cache_dir: str | None = None
     # The model's name in the Open Inference Protocol (v2) API; empty means derived from `model`.
     model_name: str = ""
+    # Hardening (issue 13). Memory one decode may use (header-checked before decoding), how many
+    # decodes a web process runs at once, and the web pod's memory baseline per process.
+    max_decode_bytes: int = 128 * 1024 * 1024
+    decode_concurrency: int = 2
+    # gevent: an idle or slow connection costs a greenlet, not a thread. gthread stays available.
+    web_worker_class: str = "gevent"
+    web_connections: int = 1000
+    # Longest a worker's main loop may go without progress (one batch) before it gives up its
+    # batch and exits; 0 = derived at start-up from the measured batch time.
+    stall_timeout_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -117,7 +129,34 @@ class Settings:
             calibration_dir=env.get("INFERSTACK_CALIBRATION_DIR") or None,
             cache_dir=env.get("INFERSTACK_CACHE_DIR") or None,
             model_name=(env.get("INFERSTACK_MODEL_NAME") or "").strip(),
+            max_decode_bytes=_int(env, "INFERSTACK_MAX_DECODE_BYTES", cls.max_decode_bytes, 1 << 20),
+            decode_concurrency=_int(env, "INFERSTACK_DECODE_CONCURRENCY", cls.decode_concurrency, 1, 64),
+            web_worker_class=_choice(env, "INFERSTACK_WEB_WORKER_CLASS", cls.web_worker_class, ("gevent", "gthread")),
+            web_connections=_int(env, "INFERSTACK_WEB_CONNECTIONS", cls.web_connections, 1, 100_000),
+            stall_timeout_s=_float(env, "INFERSTACK_STALL_TIMEOUT_S", cls.stall_timeout_s, 0.0),
         )
+
+
+# Resident memory of one web process with nothing in flight (Python, Flask, NumPy, Pillow, redis).
+WEB_PROCESS_BASELINE_BYTES = 96 * 1024 * 1024
+# The gunicorn arbiter, for the whole pod.
+WEB_POD_BASELINE_BYTES = 64 * 1024 * 1024
+# Part of an upload held in memory while it is received; the rest waits in a file under /tmp.
+UPLOAD_MEMORY_BYTES = 64 * 1024
+
+
+def web_memory_limit_bytes(settings: Settings) -> int:
+    """The web pod's memory limit that bounded decoding guarantees is never exceeded.
+
+    Each decode slot holds at most the upload (max_image_bytes) and the decoded pixels
+    (max_decode_bytes); a process runs decode_concurrency of them, and each of its open
+    connections buffers at most UPLOAD_MEMORY_BYTES of an upload being received.
+    """
+    per_decode = settings.max_decode_bytes + settings.max_image_bytes
+    connections = settings.web_connections if settings.web_worker_class == "gevent" else settings.web_threads
+    per_process = (WEB_PROCESS_BASELINE_BYTES + settings.decode_concurrency * per_decode
+                   + connections * UPLOAD_MEMORY_BYTES)
+    return WEB_POD_BASELINE_BYTES + settings.web_processes * per_process
 
 
 def default_model_name(model: str) -> str:

@@ -6,7 +6,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 # Formats whose decoders are common and well fuzzed; anything else is refused.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
@@ -22,8 +22,38 @@ class TooManyPixels(BadImage):
     """The image's header announces more pixels than we are willing to decode."""
 
 
-def decode_image(data: bytes, size: tuple[int, int], max_pixels: int = 50_000_000) -> np.ndarray:
-    """Decode, orient, convert to RGB and resize to size=(height, width). Returns uint8 (h, w, 3)."""
+class TooLargeToDecode(TooManyPixels):
+    """Decoding the image would take more memory than one decode may use."""
+
+
+# Bytes per pixel Pillow holds in memory for each mode (multi-band modes are stored 4 bytes wide).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
+_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+# Modes Image.reduce refuses, or would average wrongly (palette indices).
+_NO_REDUCE = frozenset({"1", "P", "PA", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+def decoded_bytes(im: Image.Image) -> int:
+    """Memory the decoder will allocate for the (first frame of the) image, from its header."""
+    return im.width * im.height * _MODE_BYTES.get(im.mode, 4)
+
+
+def decode_image(
+    data: bytes, size: tuple[int, int], max_pixels: int = 50_000_000, max_bytes: int = 128 * 1024 * 1024
+) -> np.ndarray:
+    """Decode, orient, convert to RGB and resize to size=(height, width). Returns uint8 (h, w, 3).
+
+    Memory is bounded by design: the header is checked against max_pixels and max_bytes before
+    anything is decoded, JPEGs are decoded at reduced scale, and every conversion runs on an
+    image already shrunk to about twice the model's size. Multi-frame files: first frame only.
+    """
     if not data:
         raise BadImage("The uploaded file is empty; send a JPEG, PNG, GIF, BMP, TIFF or WebP image.")
     height, width = size
@@ -50,9 +80,21 @@ def decode_image(data: bytes, size: tuple[int, int], max_pixels: int = 50_000_00
     try:
         if im.format == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the photo is much larger than needed.
-            im.draft("RGB", (width, height))
-        im = ImageOps.exif_transpose(im)
+            im.draft(im.mode if im.mode in ("L", "RGB") else None, (2 * width, 2 * height))
+        need = decoded_bytes(im)
+        if need > max_bytes:
+            raise TooLargeToDecode(
+                f"The image is {im.width}x{im.height} in mode {im.mode}: decoding it would take "
+                f"{need // 2**20} MiB, over the limit of {max_bytes // 2**20} MiB. Send a smaller image "
+                "(fewer pixels or 8 bits per channel)."
+            )
+        im.load()
+        orientation = im.getexif().get(0x0112)
+        im = _shrink(im, 2 * max(width, height))
         im = _to_rgb(im)
+        method = _ORIENTATION.get(orientation)
+        if method is not None:
+            im = im.transpose(method)
         if im.size != (width, height):
             im = im.resize((width, height), Image.Resampling.BILINEAR)
         pixels = np.asarray(im, dtype=np.uint8)
@@ -63,12 +105,33 @@ def decode_image(data: bytes, size: tuple[int, int], max_pixels: int = 50_000_00
     return np.ascontiguousarray(pixels.reshape(height, width, 3))
 
 
+def _shrink(im: Image.Image, side: int) -> Image.Image:
+    """Average down to about side x side before any conversion, so no full-size copy is made."""
+    factor = min(im.width // side, im.height // side)
+    if factor >= 2 and im.mode in ("LA", "RGBA"):
+        # Pillow's reduce/resize first make a full-size premultiplied copy of these modes; one
+        # band at a time costs a quarter of that.
+        return Image.merge(im.mode, [im.getchannel(band).reduce(factor) for band in im.getbands()])
+    if factor >= 2 and im.mode not in _NO_REDUCE:
+        return im.reduce(factor)  # block averaging straight into a small image
+    target = (min(im.width, side), min(im.height, side))
+    if target == im.size:
+        return im
+    # Palette indices cannot be averaged: sample them (Pillow does the same for "1" and "P").
+    resample = Image.Resampling.NEAREST if im.mode in ("1", "P", "PA") else Image.Resampling.BOX
+    return im.resize(target, resample)
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any mode -> 8-bit RGB; called on an already shrunk image."""
     mode = im.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
-            arr = arr / 257.0  # 16-bit range -> 8-bit
+    if mode.startswith("I;16"):
+        arr = (np.asarray(im).astype(np.uint16) >> 8).astype(np.uint8)  # 16-bit range -> 8-bit
+        return Image.fromarray(arr, "L").convert("RGB")
+    if mode in ("I", "F"):
+        arr = np.asarray(im, dtype=np.float32)
+        if mode == "I" and arr.max(initial=0) > 255:
+            arr = arr / 257.0
         elif mode == "F" and arr.max(initial=0) <= 1.0:
             arr = arr * 255.0
         return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L").convert("RGB")

@@ -9,8 +9,11 @@ request waits on with BLPOP, and that expires on its own if the client gave up.
 Nothing polls: the worker blocks in XREADGROUP, the web request blocks in BLPOP.
 
 Keys, for prefix P:
-  P:requests        stream: id, h, w, c, top_k, deadline_ms, data (raw uint8 pixels),
-                    probs ("1": also reply with every class's probability; absent means no)
+  P:requests        stream: v (protocol version), id, h, w, c, top_k, deadline_ms, data (raw uint8
+                    pixels), probs ("1": also reply with every class's probability; absent means no);
+                    written by encode_entry, read by decode_entry, nowhere else
+  P:dead            stream, capped: entries no worker could serve (undecodable, or handed out
+                    MAX_DELIVERIES times), with the reason; kept for an operator to inspect
   P:reply:<id>      list holding one JSON reply: {"ok", "predictions", "model", "probabilities"?}
                     or {"ok": false, "error"}; "probabilities" is base64 of float32 little-endian
   P:workers         sorted set: worker name -> heartbeat expiry (unix seconds, server clock)
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,16 +44,29 @@ HEARTBEAT_TTL_S = 5
 # with an error instead of passing it on forever.
 MAX_DELIVERIES = 3
 REPLY_GRACE_S = 30
+# Version of the request entry format. Entries without a version field are version 1 (same
+# fields); a worker refuses versions it does not know instead of guessing at their fields.
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = frozenset({1})
+DEAD_LETTER_MAXLEN = 10_000
+# Above this share of maxmemory the web tier stops queueing (503) so that the workers'
+# replies, which need memory too, still fit.
+MEMORY_ADMISSION_RATIO = 0.9
+_REQUEST_ID = re.compile(rb"^[0-9A-Za-z_-]{1,64}$")
 
 # Atomic "enqueue unless full": XLEN and XADD in one script so concurrent web processes
 # cannot overshoot the cap. The deadline is taken from the Redis clock, shared by all pods.
+# ARGV: max_queue, timeout_ms, then the entry's field/value pairs.
 _ENQUEUE = """
 local n = redis.call('XLEN', KEYS[1])
 if n >= tonumber(ARGV[1]) then return {0, n} end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('XADD', KEYS[1], '*', 'id', ARGV[3], 'h', ARGV[4], 'w', ARGV[5], 'c', ARGV[6],
-           'top_k', ARGV[7], 'deadline_ms', now_ms + tonumber(ARGV[2]), 'data', ARGV[8], 'probs', ARGV[9])
+local args = {KEYS[1], '*'}
+for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
+args[#args + 1] = 'deadline_ms'
+args[#args + 1] = now_ms + tonumber(ARGV[2])
+redis.call('XADD', unpack(args))
 redis.call('PUBLISH', KEYS[2], '1')
 return {1, n + 1}
 """
@@ -81,6 +98,10 @@ class ReplyTimeout(Exception):
     """No reply arrived within the request timeout."""
 
 
+class RedisFull(Exception):
+    """Redis is at (or close to) maxmemory: queueing more would starve the replies."""
+
+
 @dataclass(frozen=True)
 class Request:
     """One queued image, as a worker sees it."""
@@ -92,6 +113,57 @@ class Request:
     deadline_ms: int
     deliveries: int = 1
     probabilities: bool = False  # the client wants the whole vector (v2), not only the top k
+
+
+@dataclass(frozen=True)
+class Poison:
+    """A stream entry no worker can serve; request_id is set when its client can still be told."""
+
+    entry_id: bytes
+    reason: str
+    request_id: str | None
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+
+def encode_entry(request_id: str, pixels: np.ndarray, top_k: int, probabilities: bool = False) -> list[Any]:
+    """The stream fields of one request, flat (field, value, ...); the enqueue script adds deadline_ms."""
+    h, w, c = pixels.shape
+    return ["v", PROTOCOL_VERSION, "id", request_id, "h", h, "w", w, "c", c, "top_k", top_k,
+            "probs", "1" if probabilities else "0", "data", np.ascontiguousarray(pixels).tobytes()]
+
+
+def decode_entry(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1) -> Request | Poison:
+    """One stream entry -> a Request, or a Poison saying why it cannot be served (never raises)."""
+    raw_id = fields.get(b"id", b"")
+    request_id = raw_id.decode() if _REQUEST_ID.match(raw_id) else None
+    try:
+        version = int(fields.get(b"v", b"1"))
+    except ValueError:
+        version = -1
+    if version not in SUPPORTED_VERSIONS:
+        reason = f"unsupported protocol version {fields.get(b'v', b'')[:16]!r} (this worker reads {sorted(SUPPORTED_VERSIONS)})"
+        return Poison(entry_id, reason, request_id, fields, deliveries)
+    if request_id is None:
+        return Poison(entry_id, f"missing or malformed request id {raw_id[:80]!r}", None, fields, deliveries)
+    try:
+        h, w, c = int(fields[b"h"]), int(fields[b"w"]), int(fields[b"c"])
+        if not (0 < h <= 4096 and 0 < w <= 4096 and c in (1, 3)):
+            raise ValueError(f"bad image shape {h}x{w}x{c}")
+        pixels = np.frombuffer(fields[b"data"], dtype=np.uint8).reshape(h, w, c)
+        return Request(
+            entry_id=entry_id,
+            request_id=request_id,
+            pixels=pixels,
+            top_k=int(fields[b"top_k"]),
+            deadline_ms=int(fields[b"deadline_ms"]),
+            deliveries=deliveries,
+            probabilities=fields.get(b"probs") == b"1",
+        )
+    except KeyError as exc:
+        return Poison(entry_id, f"missing field {exc.args[0]!r}", request_id, fields, deliveries)
+    except (ValueError, TypeError) as exc:
+        return Poison(entry_id, f"malformed entry: {str(exc)[:200]}", request_id, fields, deliveries)
 
 
 def connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
@@ -113,6 +185,7 @@ class Keys:
         self.workers = f"{prefix}:workers"
         self.model = f"{prefix}:model"
         self.arrivals = f"{prefix}:arrivals"
+        self.dead = f"{prefix}:dead"
 
     def reply(self, request_id: str) -> str:
         return f"{self.prefix}:reply:{request_id}"
@@ -130,18 +203,42 @@ class WebQueue:
         self.blocking = connect(url, timeout_s=timeout_s + 5.0)
         self._enqueue = self.fast.register_script(_ENQUEUE)
         self._live = self.fast.register_script(_LIVE_WORKERS)
+        self._memory_checked = 0.0
+        self._memory_full = False
+        self._memory_admission = True
+
+    def check_memory(self, every_s: float = 0.5) -> None:
+        """Raise RedisFull when Redis is near maxmemory (INFO at most every every_s per process)."""
+        now = time.monotonic()
+        if self._memory_admission and now - self._memory_checked >= every_s:
+            try:
+                info = self.fast.info("memory")
+            except redis.ResponseError:
+                # An ACL without INFO: rely on Redis' own OOM refusal (also answered 503).
+                self._memory_admission = False
+                return
+            limit = int(info.get("maxmemory", 0))
+            self._memory_full = limit > 0 and int(info["used_memory"]) >= limit * MEMORY_ADMISSION_RATIO
+            self._memory_checked = now
+        if self._memory_full:
+            raise RedisFull("Redis is close to its memory limit")
 
     def submit(self, pixels: np.ndarray, top_k: int, probabilities: bool = False) -> str:
-        """Queue one image; raises QueueFull at the cap, redis.RedisError when Redis is away."""
+        """Queue one image; raises QueueFull at the cap, RedisFull near maxmemory, redis.RedisError when away."""
         if pixels.dtype != np.uint8 or pixels.ndim != 3:
             raise ValueError("pixels must be a uint8 array of shape (h, w, c)")
+        self.check_memory()
         request_id = uuid.uuid4().hex
-        h, w, c = pixels.shape
-        ok, depth = self._enqueue(
-            keys=[self.keys.stream, self.keys.arrivals],
-            args=[self.max_queue, int(self.timeout_s * 1000), request_id, h, w, c, top_k,
-                  np.ascontiguousarray(pixels).tobytes(), "1" if probabilities else "0"],
-        )
+        try:
+            ok, depth = self._enqueue(
+                keys=[self.keys.stream, self.keys.arrivals],
+                args=[self.max_queue, int(self.timeout_s * 1000), *encode_entry(request_id, pixels, top_k, probabilities)],
+            )
+        except redis.ResponseError as exc:
+            if isinstance(exc, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(exc):
+                self._memory_full, self._memory_checked = True, time.monotonic()
+                raise RedisFull(str(exc)) from None
+            raise
         if not ok:
             raise QueueFull(f"queue holds {depth} requests (limit {self.max_queue})")
         return request_id
@@ -207,7 +304,7 @@ class WorkerQueue:
     def now_ms(self) -> int:
         return int(self._now())
 
-    def _read(self, count: int, block_ms: int | None, start: str = ">") -> list[Request]:
+    def _read(self, count: int, block_ms: int | None, start: str = ">") -> list[Request | Poison]:
         try:
             resp = self.redis.xreadgroup(GROUP, self.name, {self.keys.stream: start}, count=count, block=block_ms)
         except redis.ResponseError as exc:
@@ -216,21 +313,39 @@ class WorkerQueue:
             # Redis lost its data (restart without persistence): recreate and carry on.
             self.ensure_group()
             return []
-        out: list[Request] = []
-        for _stream, entries in resp or []:
-            for entry_id, fields in entries:
-                if fields:  # a pending entry deleted meanwhile comes back empty
-                    out.append(_decode(entry_id, fields))
-        return out
+        entries = [(entry_id, fields) for _stream, batch in resp or [] for entry_id, fields in batch]
+        # A pending entry deleted meanwhile comes back empty: nothing left to answer.
+        gone = [entry_id for entry_id, fields in entries if not fields]
+        if gone:
+            self.redis.xack(self.keys.stream, GROUP, *gone)
+        entries = [(entry_id, fields) for entry_id, fields in entries if fields]
+        deliveries: dict[bytes, int] = {}
+        if start != ">" and entries:
+            # Re-read history: Redis counted every earlier hand-out, ours included.
+            deliveries = self._times_delivered([entry_id for entry_id, _ in entries], self.name)
+        return [decode_entry(entry_id, fields, deliveries.get(entry_id, 1)) for entry_id, fields in entries]
 
-    def take_batch(self, batch_size: int, max_delay_ms: float) -> list[Request]:
-        """Block until at least one request is queued, then fill up to batch_size within max_delay_ms."""
-        if not self._own_backlog_checked:
-            # A restart under the same name: our own unacknowledged requests come first.
+    def _times_delivered(self, entry_ids: list[bytes], consumer: str | None = None) -> dict[bytes, int]:
+        lo, hi = min(entry_ids), max(entry_ids)
+        pending = self.redis.xpending_range(
+            self.keys.stream, GROUP, min=lo, max=hi, count=len(entry_ids) + 100, consumername=consumer
+        )
+        return {p["message_id"]: int(p["times_delivered"]) for p in pending}
+
+    def own_backlog(self) -> list[Request | Poison]:
+        """After a (re)start under the same name: our oldest unacknowledged request, one at a time.
+
+        One at a time because one of them may be what killed us: the others must not share its fate.
+        """
+        if self._own_backlog_checked:
+            return []
+        own = self._read(1, None, start="0")
+        if not own:
             self._own_backlog_checked = True
-            own = self._read(batch_size, None, start="0")
-            if own:
-                return own
+        return own
+
+    def take_batch(self, batch_size: int, max_delay_ms: float) -> list[Request | Poison]:
+        """Block until at least one request is queued, then fill up to batch_size within max_delay_ms."""
         batch = self._read(batch_size, None)
         backlog = bool(batch)
         if not batch:
@@ -263,15 +378,18 @@ class WorkerQueue:
             self._arrivals.subscribe(self.keys.arrivals)
         return self._arrivals
 
-    def reclaim_from_dead(self, limit: int) -> list[Request]:
-        """Claim requests held by workers whose heartbeat lapsed (killed, crashed, partitioned)."""
+    def reclaim_from_dead(self) -> Request | Poison | None:
+        """Claim ONE request held by a worker whose heartbeat lapsed (killed, crashed, hung).
+
+        One at a time: the dead worker's batch may hold the input that killed it, and the
+        innocent requests beside it must not be failed with it.
+        """
         live = {m.decode() for m in self._live(keys=[self.keys.workers])}
         live.add(self.name)
         try:
             consumers = self.redis.xinfo_consumers(self.keys.stream, GROUP)
         except redis.ResponseError:
-            return []
-        claimed: list[Request] = []
+            return None
         for consumer in consumers:
             name = consumer["name"].decode() if isinstance(consumer["name"], bytes) else consumer["name"]
             if name in live:
@@ -282,55 +400,57 @@ class WorkerQueue:
                     self.redis.xgroup_delconsumer(self.keys.stream, GROUP, name)
                 continue
             pending = self.redis.xpending_range(
-                self.keys.stream, GROUP, min="-", max="+", count=limit - len(claimed), consumername=name
+                self.keys.stream, GROUP, min="-", max="+", count=1, consumername=name
             )
             if not pending:
                 continue
-            deliveries = {p["message_id"]: p["times_delivered"] for p in pending}
-            # min_idle_time guards against two reclaimers racing for the same entries.
+            entry_id = pending[0]["message_id"]
+            # min_idle_time guards against two reclaimers racing for the same entry.
             entries = self.redis.xclaim(
                 self.keys.stream, GROUP, self.name, min_idle_time=HEARTBEAT_TTL_S * 1000 // 2,
-                message_ids=list(deliveries),
+                message_ids=[entry_id],
             )
-            for entry_id, fields in entries:
-                if fields:
-                    req = _decode(entry_id, fields)
-                    claimed.append(_with_deliveries(req, deliveries.get(entry_id, 1) + 1))
-                else:
-                    self.redis.xack(self.keys.stream, GROUP, entry_id)
-            if len(claimed) >= limit:
-                break
-        return claimed
+            for claimed_id, fields in entries:
+                if not fields:
+                    self.redis.xack(self.keys.stream, GROUP, claimed_id)
+                    continue
+                # XCLAIM counted this hand-out too: ask Redis rather than adding one ourselves.
+                times = self._times_delivered([claimed_id], self.name).get(claimed_id, 1)
+                return decode_entry(claimed_id, fields, times)
+        return None
 
-    def complete(self, results: list[tuple[Request, dict[str, Any] | None]], now_ms: int) -> None:
-        """Write replies and acknowledge, atomically: a request is either answered or still pending."""
+    def complete(self, results: list[tuple[Request, dict[str, Any] | None]], now_ms: int,
+                 dead: list[Poison] = ()) -> None:
+        """Write replies and acknowledge, atomically: a request is either answered or still pending.
+
+        Poison entries go to the dead-letter stream with their reason, and their client (when
+        the entry names one) is answered with an error at once.
+        """
         pipe = self.redis.pipeline(transaction=True)
         for req, reply in results:
             if reply is not None:
-                key = self.keys.reply(req.request_id)
-                pipe.rpush(key, json.dumps(reply))
-                ttl_s = max(1, (req.deadline_ms - now_ms) // 1000) + REPLY_GRACE_S
-                pipe.expire(key, ttl_s)
+                self._reply(pipe, req.request_id, reply, max(1, (req.deadline_ms - now_ms) // 1000))
             pipe.xack(self.keys.stream, GROUP, req.entry_id)
             pipe.xdel(self.keys.stream, req.entry_id)
+        for poison in dead:
+            record: dict[str, Any] = {
+                k.decode(errors="replace"): v for k, v in poison.fields.items() if k != b"data"
+            }
+            record.update(entry=poison.entry_id, reason=poison.reason, worker=self.name,
+                          deliveries=poison.deliveries, data_bytes=len(poison.fields.get(b"data", b"")))
+            pipe.xadd(self.keys.dead, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+            if poison.request_id is not None:
+                error = {"ok": False, "error": "The request could not be processed by the workers; retrying it "
+                         "will not help. Report it if it persists.", "reason": poison.reason}
+                self._reply(pipe, poison.request_id, error, 0)
+            pipe.xack(self.keys.stream, GROUP, poison.entry_id)
+            pipe.xdel(self.keys.stream, poison.entry_id)
         pipe.execute()
 
-
-def _with_deliveries(req: Request, n: int) -> Request:
-    return Request(req.entry_id, req.request_id, req.pixels, req.top_k, req.deadline_ms, n, req.probabilities)
-
-
-def _decode(entry_id: bytes, fields: dict[bytes, bytes]) -> Request:
-    h, w, c = int(fields[b"h"]), int(fields[b"w"]), int(fields[b"c"])
-    pixels = np.frombuffer(fields[b"data"], dtype=np.uint8).reshape(h, w, c)
-    return Request(
-        entry_id=entry_id,
-        request_id=fields[b"id"].decode(),
-        pixels=pixels,
-        top_k=int(fields[b"top_k"]),
-        deadline_ms=int(fields[b"deadline_ms"]),
-        probabilities=fields.get(b"probs") == b"1",
-    )
+    def _reply(self, pipe: Any, request_id: str, reply: dict[str, Any], ttl_s: int) -> None:
+        key = self.keys.reply(request_id)
+        pipe.rpush(key, json.dumps(reply))
+        pipe.expire(key, ttl_s + REPLY_GRACE_S)
 
 
 def encode_probabilities(probs: np.ndarray) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from inferstack.config import Settings, web_memory_limit_bytes
 from inferstack_operator import credentials as cred
 from inferstack_operator.builders_security import (
     auth_of,
@@ -227,7 +228,8 @@ def build_web_deployment(r: Resolved, settings: OperatorSettings) -> Manifest:
             "initialDelaySeconds": 10, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3,
         },
         "resources": _merge_resources(
-            {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}, r.web.resources),
+            {"requests": {"cpu": "250m", "memory": "256Mi"}, "limits": {"memory": web_memory_limit(r)}},
+            r.web.resources),
         "securityContext": _container_security(),
         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
     }
@@ -243,6 +245,12 @@ def build_web_deployment(r: Resolved, settings: OperatorSettings) -> Manifest:
     }
     return _deployment(web_name(r.name), r, WEB, r.web_replicas, {"maxUnavailable": 0, "maxSurge": 1},
                        r.web, pod_spec)
+
+
+def web_memory_limit(r: Resolved) -> str:
+    """The web container's default memory limit: what bounded decoding guarantees a pod never exceeds."""
+    limit = web_memory_limit_bytes(Settings(max_image_bytes=r.max_image_bytes))
+    return f"{-(-limit // 2**20)}Mi"
 
 
 def _location_path(loc: Location) -> str:

@@ -19,20 +19,36 @@ def post(stack, data: bytes, timeout: float = 60, **params) -> requests.Response
     return requests.post(stack.url + "/predict", files={"image": ("x.png", data)}, params=params, timeout=timeout)
 
 
+def holds_requests(r: redis.Redis, name: str) -> bool:
+    try:
+        return any(c["name"].decode() == name and c["pending"] > 0
+                   for c in r.xinfo_consumers(Keys("inferstack").stream, GROUP))
+    except redis.ResponseError:
+        return False  # the stream does not exist yet
+
+
 def signal_when_busy(r: redis.Redis, proc, name: str, sig: int, done: threading.Event) -> threading.Thread:
-    """In the background: as soon as worker `name` holds unacknowledged requests, signal it."""
+    """In the background: as soon as worker `name` holds unacknowledged requests, signal it.
+
+    For SIGKILL the worker is frozen first and checked again: it cannot finish its batch between
+    our check and the kill, so it dies holding requests (the survivor must reclaim them).
+    """
 
     def watch() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            try:
-                for c in r.xinfo_consumers(Keys("inferstack").stream, GROUP):
-                    if c["name"].decode() == name and c["pending"] > 0:
-                        proc.send_signal(sig)
-                        done.set()
-                        return
-            except redis.ResponseError:
-                pass  # the stream does not exist yet
+            if holds_requests(r, name):
+                if sig != signal.SIGKILL:
+                    proc.send_signal(sig)
+                    done.set()
+                    return
+                proc.send_signal(signal.SIGSTOP)
+                time.sleep(0.05)  # let Redis apply a reply transaction already on the wire
+                if holds_requests(r, name):
+                    proc.send_signal(sig)
+                    done.set()
+                    return
+                proc.send_signal(signal.SIGCONT)
             time.sleep(0.002)
 
     t = threading.Thread(target=watch)
@@ -114,7 +130,7 @@ def test_queue_full_503_and_timeout_504_without_workers(make_stack, digits_model
         try:
             if requests.get(stack.url + "/healthz", timeout=1).status_code == 200:
                 break
-        except (requests.ConnectionError, requests.Timeout):  # gunicorn accepts before its workers boot
+        except requests.RequestException:  # refused, or accepted but not yet served
             time.sleep(0.1)
     assert requests.get(stack.url + "/readyz", timeout=5).status_code == 503  # no worker
     upload = png_bytes(digits_model["x_test"][0])
@@ -146,7 +162,7 @@ def test_queue_full_503_and_timeout_504_without_workers(make_stack, digits_model
 def test_requests_queued_before_any_worker_are_served(make_stack, digits_model):
     stack = make_stack(
         workers=0,
-        env=digits_env(digits_model, INFERSTACK_REQUEST_TIMEOUT_S="20", INFERSTACK_WEB_PROCESSES="1"),
+        env=digits_env(digits_model, INFERSTACK_REQUEST_TIMEOUT_S="90", INFERSTACK_WEB_PROCESSES="1"),
         wait=False,
     )
     deadline = time.monotonic() + 30
@@ -154,11 +170,12 @@ def test_requests_queued_before_any_worker_are_served(make_stack, digits_model):
         try:
             requests.get(stack.url + "/healthz", timeout=1)
             break
-        except (requests.ConnectionError, requests.Timeout):  # gunicorn accepts before its workers boot
+        except requests.RequestException:  # refused, or accepted but not yet served
             time.sleep(0.1)
     uploads = [png_bytes(img) for img in digits_model["x_test"][:6]]
     with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(post, stack, u) for u in uploads]
+        # Generous timeouts: the worker's start (TensorFlow import, model load) is slow on a busy CPU.
+        futures = [pool.submit(post, stack, u, 120) for u in uploads]
         time.sleep(1.0)
         stack.start_worker()  # comes up with 6 requests already queued
         results = [f.result() for f in futures]

@@ -477,3 +477,20 @@ def test_registry_builds_optional_children_only_when_their_api_is_served(monkeyp
     # A builder returning None: this spec does not want the child.
     one = resolved({"worker": {"replicas": 1}})
     assert "ScaledObject" not in [m["kind"] for _, m in builders.build_children(one, SETTINGS, {"keda.sh/v1alpha1"})]
+
+
+def test_web_memory_limit_follows_the_decode_bound() -> None:
+    from inferstack.config import Settings, web_memory_limit_bytes
+    from kubernetes.utils import parse_quantity
+
+    small = container(build({})["Deployment/demo-web"])["resources"]["limits"]["memory"]
+    large = container(build({"web": {"maxImageBytes": 50 * 1024 * 1024}})["Deployment/demo-web"])
+    large_limit = large["resources"]["limits"]["memory"]
+    # What bounded decoding guarantees (tests/dataplane/test_hostile_clients.py measures it), rounded up to MiB.
+    assert parse_quantity(small) >= web_memory_limit_bytes(Settings())
+    assert parse_quantity(small) - web_memory_limit_bytes(Settings()) < 2**20
+    assert parse_quantity(large_limit) >= web_memory_limit_bytes(Settings(max_image_bytes=50 * 1024 * 1024))
+    assert parse_quantity(large_limit) > parse_quantity(small)
+    # A user's own limit still wins.
+    custom = build({"web": {"resources": {"limits": {"memory": "3Gi"}}}})["Deployment/demo-web"]
+    assert container(custom)["resources"]["limits"]["memory"] == "3Gi"

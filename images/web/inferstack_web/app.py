@@ -1,20 +1,23 @@
 """The HTTP API: POST /predict, GET /healthz, /readyz, /metrics, /openapi.json; the v2 API (v2.py).
 
-Served by gunicorn with threads (`gunicorn 'inferstack_web.app:create_app()'`): a request
-spends nearly all its time blocked on Redis waiting for its reply, not on the CPU.
+Served by gunicorn's gevent worker (`gunicorn 'inferstack_web.app:create_app()'`): a request
+spends nearly all its time blocked on Redis waiting for its reply, not on the CPU, and a slow
+or idle client costs a greenlet instead of pinning a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 import time
-from typing import Any
+from typing import IO, Any
 
 import redis
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Request, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from inferstack.config import Settings
+from inferstack.config import UPLOAD_MEMORY_BYTES, Settings
 from inferstack.protocol import WebQueue
 
 from . import metrics, openapi, v2
@@ -25,8 +28,12 @@ log = logging.getLogger("inferstack.web")
 
 # Multipart framing around the file; the file itself is held to max_image_bytes.
 MULTIPART_SLACK = 64 * 1024
-# Reading the rest of a too-large body lets the client see our 413 instead of a reset.
+# Reading the rest of a too-large body lets the client see our 413 instead of a reset; but only
+# so much, and only for so long: a client dripping its body must not hold a connection forever.
 DRAIN_LIMIT = 64 * 1024 * 1024
+DRAIN_TIMEOUT_S = 5.0
+# How long a request waits for a decode slot before it is told the server is busy.
+DECODE_WAIT_S = 10.0
 
 
 def _top_k(raw: str | None, default: int) -> int:
@@ -50,15 +57,24 @@ def _error(status: int, message: str, retry_after: int | None = None) -> Respons
     return resp
 
 
+class _Request(Request):
+    def _get_file_stream(self, total_content_length: int | None, content_type: str | None,
+                         filename: str | None = None, content_length: int | None = None) -> IO[bytes]:
+        # Uploads wait for a decode slot in /tmp, not in memory (werkzeug keeps 500 KB in memory).
+        return tempfile.SpooledTemporaryFile(max_size=UPLOAD_MEMORY_BYTES, mode="rb+")
+
+
 def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask("inferstack_web")
+    app.request_class = _Request
     # Room for the images base64-encoded in JSON; the images themselves are held to max_image_bytes.
     app.config["MAX_CONTENT_LENGTH"] = (settings.max_image_bytes + 2) // 3 * 4 + MULTIPART_SLACK
     queue = WebQueue(settings.redis_url, settings.queue_prefix, settings.max_queue, settings.request_timeout_s)
     model_info = ModelInfo(queue)
     inference = Inference(settings, queue, model_info)
-    app.extensions["inferstack"] = {"settings": settings, "queue": queue}
+    # Every endpoint that decodes uploads takes a slot from here (see Inference.decode_slot).
+    app.extensions["inferstack"] = {"settings": settings, "queue": queue, "decode_slots": inference.decode_slots}
     app.register_blueprint(v2.create_blueprint(settings, queue, inference, model_info))
 
     @app.errorhandler(ApiError)
@@ -67,8 +83,11 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.errorhandler(RequestEntityTooLarge)
     def _too_large(exc: RequestEntityTooLarge) -> Response:
-        _drain()
-        return _error(413, f"The upload is larger than the limit of {settings.max_image_bytes} bytes.")
+        drained = _drain()
+        resp = _error(413, f"The upload is larger than the limit of {settings.max_image_bytes} bytes.")
+        if not drained:
+            resp.headers["Connection"] = "close"  # the unread rest of the body must not be parsed as a request
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:
@@ -92,8 +111,12 @@ def create_app(settings: Settings | None = None) -> Flask:
     def predict() -> Response:
         request.environ["inferstack.start"] = started = time.perf_counter()
         top_k = _top_k(request.args.get("top_k"), settings.top_k)
-        images, several = _uploaded_images(settings.max_image_bytes)
-        results = inference.run(images, top_k, started)
+        with inference.decode_slot():
+            # The uploads are read into memory inside the slot: they count against the same bound.
+            images, several = _uploaded_images(settings.max_image_bytes)
+            pixels = inference.decode(images)
+            del images
+        results = inference.serve(pixels, top_k, started)
         body: dict[str, Any] = {"success": True}
         if several:
             body["results"] = [{"predictions": r.predictions} for r in results]
@@ -169,20 +192,43 @@ def _uploaded_images(limit: int) -> tuple[list[bytes], bool]:
     return images, len(uploads) > 1
 
 
-def _drain() -> None:
-    """Consume the unread body so the connection can carry our 413 back to the client."""
+def _drain() -> bool:
+    """Consume the unread body so the connection can carry our 413; False if we gave up on it."""
     length = request.content_length
     if length is None or length > DRAIN_LIMIT:
-        return
+        return False
     stream = request.environ.get("wsgi.input")
     if stream is None:
-        return
+        return False
+    sock = request.environ.get("gunicorn.socket")
+    if sock is not None and not _gevent_patched():
+        sock.settimeout(DRAIN_TIMEOUT_S)  # gthread: at least an idle client cannot hold the thread
     left = length
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
     try:
-        while left > 0:
-            chunk = stream.read(min(left, 1 << 20))
-            if not chunk:
-                break
-            left -= len(chunk)
-    except Exception:  # client went away; nothing to save
-        pass
+        with _time_limit(DRAIN_TIMEOUT_S):
+            while left > 0 and time.monotonic() < deadline:
+                chunk = stream.read(min(left, 64 * 1024))
+                if not chunk:
+                    break
+                left -= len(chunk)
+    except Exception:  # client went away, or was too slow; nothing to save
+        return False
+    return left == 0
+
+
+def _gevent_patched() -> bool:
+    try:
+        from gevent.monkey import is_module_patched
+    except ImportError:
+        return False
+    return is_module_patched("socket")
+
+
+def _time_limit(seconds: float) -> Any:
+    """A hard limit on a block of blocking reads under the gevent worker (silently ends the block)."""
+    if not _gevent_patched():
+        return contextlib.nullcontext()
+    from gevent import Timeout
+
+    return Timeout(seconds, False)

@@ -10,13 +10,17 @@ from inferstack.config import ConfigError, Settings
 
 
 def gunicorn_argv(settings: Settings, host: str) -> list[str]:
+    if settings.web_worker_class == "gevent":
+        # One greenlet per connection: slow or idle clients cost memory, not a thread each.
+        concurrency = ["--worker-class", "gevent", "--worker-connections", str(settings.web_connections)]
+    else:
+        concurrency = ["--worker-class", "gthread", "--threads", str(settings.web_threads)]
     return [
         "gunicorn",
         "--config", "python:inferstack_web.gunicorn_conf",
         "--bind", f"{host}:{settings.port}",
-        "--worker-class", "gthread",
+        *concurrency,
         "--workers", str(settings.web_processes),
-        "--threads", str(settings.web_threads),
         # Threads sit in BLPOP for up to the request timeout; don't let gunicorn kill them first.
         "--timeout", str(int(settings.request_timeout_s) + 30),
         "--graceful-timeout", str(int(settings.request_timeout_s) + 5),

@@ -9,17 +9,18 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import redis
 
 from inferstack.config import Settings
 from inferstack.imaging import BadImage, decode_image
-from inferstack.protocol import QueueFull, ReplyTimeout, WebQueue, decode_probabilities
+from inferstack.protocol import QueueFull, RedisFull, ReplyTimeout, WebQueue, decode_probabilities
 
 from . import metrics
 from .errors import BadRequest, InferenceFailed, PayloadTooLarge, ResultTimeout, Unavailable
@@ -29,6 +30,8 @@ log = logging.getLogger("inferstack.web")
 DEFAULT_INPUT_SIZE = (224, 224)
 # Each image is one queue entry: bound what one request can push into the shared queue.
 MAX_IMAGES_PER_REQUEST = 256
+# How long a request waits for a decode slot before it is told the server is busy.
+DECODE_WAIT_S = 10.0
 
 
 class ModelInfo:
@@ -77,11 +80,28 @@ class Inference:
         self.settings = settings
         self.queue = queue
         self.model = model
+        self.decode_slots = threading.BoundedSemaphore(settings.decode_concurrency)
+
+    @contextlib.contextmanager
+    def decode_slot(self) -> Iterator[None]:
+        """One of the process's decode slots: peak memory is (decode_concurrency x budget) + baseline."""
+        if not self.decode_slots.acquire(timeout=DECODE_WAIT_S):
+            raise Unavailable("The server is busy decoding other images; retry shortly.", 1)
+        try:
+            yield
+        finally:
+            self.decode_slots.release()
 
     def run(
         self, images: Sequence[bytes], top_k: int, started: float, probabilities: bool = False
     ) -> list[Result]:
         """Classify the images (encoded files) in order; raises an ApiError for the whole request."""
+        with self.decode_slot():
+            pixels = self.decode(images)
+        return self.serve(pixels, top_k, started, probabilities)
+
+    def decode(self, images: Sequence[bytes]) -> list[np.ndarray]:
+        """Every image decoded (call inside decode_slot); a bad one fails the request before any is queued."""
         limit = self.settings.max_image_bytes
         if not images:
             raise BadRequest("The request holds no image.")
@@ -91,15 +111,20 @@ class Inference:
             )
         if sum(len(data) for data in images) > limit:
             raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
-        # Decode everything first: a bad image fails the request before any work is queued.
-        pixels = [self._decode(data, i, len(images)) for i, data in enumerate(images)]
+        return [self._decode(data, i, len(images)) for i, data in enumerate(images)]
+
+    def serve(
+        self, pixels: Sequence[np.ndarray], top_k: int, started: float, probabilities: bool = False
+    ) -> list[Result]:
+        """Queue the decoded images and wait for their replies, in order."""
         ids = [self._submit(p, top_k, probabilities) for p in pixels]
         return [self._wait(request_id, started) for request_id in ids]
 
     def _decode(self, data: bytes, index: int, count: int) -> np.ndarray:
         t0 = time.perf_counter()
         try:
-            pixels = decode_image(data, self.model.input_size(), self.settings.max_image_pixels)
+            pixels = decode_image(data, self.model.input_size(), self.settings.max_image_pixels,
+                                  self.settings.max_decode_bytes)
         except BadImage as exc:
             prefix = f"Image {index + 1} of {count}: " if count > 1 else ""
             raise BadRequest(prefix + str(exc)) from None
@@ -111,6 +136,8 @@ class Inference:
             return self.queue.submit(pixels, top_k, probabilities)
         except QueueFull:
             raise Unavailable("The server is at capacity (request queue full); retry shortly.", 1) from None
+        except RedisFull:
+            raise Unavailable("The server is at capacity (queue memory nearly full); retry shortly.", 2) from None
         except redis.RedisError as exc:
             log.warning("redis unavailable on submit: %s", exc)
             raise Unavailable("The request queue is unreachable; retry shortly.", 2) from None

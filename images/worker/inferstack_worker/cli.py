@@ -6,6 +6,17 @@ import logging
 import os
 import sys
 import time
+from typing import Any
+
+
+def _time_batch(classifier: Any, batch_size: int) -> float:
+    """Seconds one full batch takes, warm: the yardstick for the stall bound."""
+    import numpy as np
+
+    x = np.zeros((batch_size, *classifier.input_shape), np.float32)
+    t0 = time.perf_counter()
+    classifier.predict(x)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -22,7 +33,7 @@ def main() -> None:
     from inferstack.protocol import WorkerQueue
 
     from .model import load_classifier
-    from .worker import Worker, default_worker_name
+    from .worker import Worker, default_worker_name, stall_bound
 
     try:
         t0 = time.perf_counter()
@@ -34,9 +45,10 @@ def main() -> None:
     t0 = time.perf_counter()
     classifier.warm_up(settings.batch_size)
     log.info("warm-up done in %.1f s", time.perf_counter() - t0)
+    stall_timeout_s = settings.stall_timeout_s or stall_bound(_time_batch(classifier, settings.batch_size))
 
     queue = WorkerQueue(settings.redis_url, settings.queue_prefix, settings.worker_name or default_worker_name())
-    worker = Worker(settings, classifier, queue)
+    worker = Worker(settings, classifier, queue, stall_timeout_s)
     worker.install_signal_handlers()
     worker.run()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -14,7 +15,7 @@ import numpy as np
 import redis
 
 from inferstack.config import Settings
-from inferstack.protocol import MAX_DELIVERIES, Request, WorkerQueue, encode_probabilities
+from inferstack.protocol import MAX_DELIVERIES, Poison, Request, WorkerQueue, encode_probabilities
 
 from .model import Classifier
 
@@ -22,16 +23,28 @@ log = logging.getLogger("inferstack.worker")
 
 HEARTBEAT_INTERVAL_S = 1.0
 RECLAIM_INTERVAL_S = 1.0
+# Exit status of a worker whose main loop stopped making progress (Kubernetes restarts it).
+EXIT_STALLED = 70
+STALL_FLOOR_S = 15.0
+STALL_BATCHES = 5
+
+
+def stall_bound(batch_s: float) -> float:
+    """Default stall bound: a few full batches, never so short that a slow moment trips it."""
+    return max(STALL_FLOOR_S, STALL_BATCHES * batch_s)
 
 
 class Worker:
-    def __init__(self, settings: Settings, classifier: Classifier, queue: WorkerQueue) -> None:
+    def __init__(self, settings: Settings, classifier: Classifier, queue: WorkerQueue,
+                 stall_timeout_s: float | None = None) -> None:
         self.settings = settings
         self.classifier = classifier
         self.queue = queue
         self.stopping = threading.Event()
         self.ready_file = Path(settings.ready_file) if settings.ready_file else None
         self.served = 0
+        self.stall_timeout_s = stall_timeout_s or settings.stall_timeout_s or 60.0
+        self._progress = time.monotonic()
 
     def install_signal_handlers(self) -> None:
         def stop(signum: int, _frame: Any) -> None:
@@ -41,10 +54,18 @@ class Worker:
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
 
+    def _mark_progress(self) -> None:
+        self._progress = time.monotonic()
+
     def _heartbeat_loop(self) -> None:
-        # A thread, so a long batch (TensorFlow releases the GIL) does not look like a dead worker.
+        # A thread, so a long batch (TensorFlow releases the GIL) does not look like a dead worker;
+        # but it only vouches for a main loop that moves: a hung model call must not look alive.
         info = self.classifier.info()
         while not self.stopping.is_set():
+            stalled = time.monotonic() - self._progress
+            if stalled > self.stall_timeout_s:
+                self._die_stalled(stalled)
+                return
             try:
                 self.queue.heartbeat(info)
             except redis.RedisError as exc:
@@ -53,44 +74,64 @@ class Worker:
                 self.ready_file.touch()
             self.stopping.wait(HEARTBEAT_INTERVAL_S)
 
+    def _die_stalled(self, stalled: float) -> None:
+        log.error(
+            "main loop stalled for %.0f s (bound %.0f s): leaving so another worker reclaims the batch, "
+            "and exiting so the process is restarted", stalled, self.stall_timeout_s,
+        )
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
+        try:
+            self.queue.leave()  # others reclaim at once instead of waiting for the heartbeat to lapse
+        except redis.RedisError:
+            pass
+        logging.shutdown()
+        # The stuck thread cannot be interrupted; only ending the process frees it.
+        os._exit(EXIT_STALLED)
+
     def run(self) -> None:
         if self.ready_file is not None:
             self.ready_file.parent.mkdir(parents=True, exist_ok=True)
+        self._mark_progress()
         beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         beat.start()
         log.info(
-            "worker %s serving %s (batch %d, delay %g ms)",
-            self.queue.name, self.classifier.name, self.settings.batch_size, self.settings.max_batch_delay_ms,
+            "worker %s serving %s (batch %d, delay %g ms, stall bound %.0f s)", self.queue.name,
+            self.classifier.name, self.settings.batch_size, self.settings.max_batch_delay_ms, self.stall_timeout_s,
         )
-        backoff = 0.2
+        backoff = Backoff()
         group_ready = False
         last_reclaim = 0.0
         try:
             while not self.stopping.is_set():
+                self._mark_progress()
                 try:
                     if not group_ready:
                         self.queue.ensure_group()
                         group_ready = True
-                    batch: list[Request] = []
                     if time.monotonic() - last_reclaim >= RECLAIM_INTERVAL_S:
                         last_reclaim = time.monotonic()
-                        batch = self.queue.reclaim_from_dead(self.settings.batch_size)
-                        if batch:
-                            log.warning("reclaimed %d request(s) from dead worker(s)", len(batch))
-                    if not batch:
-                        t_take = time.perf_counter()
-                        batch = self.queue.take_batch(self.settings.batch_size, self.settings.max_batch_delay_ms)
-                        if batch and log.isEnabledFor(logging.DEBUG):
-                            log.debug("took %d after %.1f ms", len(batch), (time.perf_counter() - t_take) * 1000)
+                        self._reclaim()
+                    own = self.queue.own_backlog()
+                    if own:
+                        self.process(own)  # one at a time, see own_backlog
+                        continue
+                    t_take = time.perf_counter()
+                    batch = self.queue.take_batch(self.settings.batch_size, self.settings.max_batch_delay_ms)
+                    if batch and log.isEnabledFor(logging.DEBUG):
+                        log.debug("took %d after %.1f ms", len(batch), (time.perf_counter() - t_take) * 1000)
                     if batch:
                         self.process(batch)
-                    backoff = 0.2
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning("redis unavailable (%s); retrying in %.1f s", exc, backoff)
-                    group_ready = False
-                    self.queue.reset_after_disconnect()
-                    self.stopping.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
+                    backoff.reset()
+                except redis.RedisError as exc:
+                    # Every Redis error class (connection, OOM, READONLY during a failover, ...):
+                    # unacknowledged requests stay pending, so waiting and retrying loses nothing.
+                    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                        group_ready = False
+                        self.queue.reset_after_disconnect()
+                    delay = backoff.next()
+                    log.warning("redis error (%s: %.300s); retrying in %.1f s", type(exc).__name__, exc, delay)
+                    self.stopping.wait(delay)
         finally:
             self.stopping.set()
             try:
@@ -101,26 +142,63 @@ class Worker:
                 self.ready_file.unlink(missing_ok=True)
             log.info("worker %s stopped after %d request(s)", self.queue.name, self.served)
 
-    def process(self, batch: list[Request]) -> None:
+    def _reclaim(self) -> None:
+        # Each reclaimed request runs alone; a bounded number per pass keeps the loop turning.
+        for _ in range(self.settings.batch_size):
+            item = self.queue.reclaim_from_dead()
+            if item is None:
+                return
+            log.warning("reclaimed request %s from a dead worker (delivery %d)", item.entry_id.decode(),
+                        item.deliveries)
+            self.process([item])
+            self._mark_progress()
+
+    def process(self, batch: list[Request | Poison]) -> None:
         t0 = time.perf_counter()
         now_ms = self.queue.now_ms()
         results: list[tuple[Request, dict[str, Any] | None]] = []
+        dead: list[Poison] = []
         live: list[Request] = []
         for req in batch:
-            if req.deadline_ms <= now_ms:
+            if isinstance(req, Poison):
+                dead.append(req)
+            elif req.deadline_ms <= now_ms:
                 results.append((req, None))  # the client already got its 504; skip the work
             elif req.deliveries > MAX_DELIVERIES:
-                log.error("request %s failed %d deliveries; answering with an error", req.request_id, req.deliveries)
-                results.append((req, {"ok": False, "error": "The request failed repeatedly on the workers."}))
+                dead.append(Poison(req.entry_id, f"handed out {req.deliveries} times without an answer",
+                                   req.request_id, {b"id": req.request_id.encode()}, req.deliveries))
             else:
                 live.append(req)
+        for poison in dead:
+            log.error("dead-lettering entry %s (request %s): %s", poison.entry_id.decode(), poison.request_id,
+                      poison.reason)
         if live:
             results += self._infer(live)
         t1 = time.perf_counter()
-        self.queue.complete(results, now_ms)
+        self._complete(results, now_ms, dead)
         self.served += len(live)
         log.debug("batch of %d: inference %.1f ms, total %.1f ms", len(live), (t1 - t0) * 1000,
                   (time.perf_counter() - t0) * 1000)
+
+    def _complete(self, results: list[tuple[Request, dict[str, Any] | None]], now_ms: int,
+                  dead: list[Poison]) -> None:
+        """Deliver the answers, retrying through Redis errors: computed work is not thrown away."""
+        backoff = Backoff()
+        while True:
+            try:
+                self.queue.complete(results, now_ms, dead)
+                return
+            except redis.RedisError as exc:
+                if self.stopping.is_set():
+                    # Still pending in Redis: another worker (or our successor) answers them.
+                    log.warning("could not deliver %d answer(s) before exiting: %s", len(results) + len(dead), exc)
+                    return
+                if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+                    self.queue.reset_after_disconnect()
+                delay = backoff.next()
+                log.warning("delivering answers failed (%s: %.300s); retrying in %.1f s", type(exc).__name__, exc, delay)
+                self._mark_progress()  # waiting on Redis is not a hung model
+                self.stopping.wait(delay)
 
     def _infer(self, reqs: list[Request]) -> list[tuple[Request, dict[str, Any] | None]]:
         clf = self.classifier
@@ -147,3 +225,18 @@ class Worker:
 
 def default_worker_name() -> str:
     return f"{os.uname().nodename}-{os.getpid()}"
+
+
+class Backoff:
+    """Exponential backoff with jitter, 0.2 s doubling up to 5 s."""
+
+    def __init__(self, first: float = 0.2, cap: float = 5.0) -> None:
+        self.first, self.cap, self._next = first, cap, first
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self._next * 2, self.cap)
+        return delay * random.uniform(0.8, 1.2)
+
+    def reset(self) -> None:
+        self._next = self.first

@@ -1,0 +1,77 @@
+"""A worker whose model call hangs must give its batch up, not keep heart-beating forever."""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import redis
+import requests
+
+from inferstack.protocol import GROUP, Keys
+from inferstack_worker.worker import EXIT_STALLED
+from tests.conftest import digits_env, png_bytes, stack_log
+
+HOOKS = str(Path(__file__).parent / "hooks")
+KEYS = Keys("inferstack")
+
+
+def post(stack, data: bytes, timeout: float = 120) -> requests.Response:
+    return requests.post(stack.url + "/predict", files={"image": ("x.png", data)}, timeout=timeout)
+
+
+def pending_of(r: redis.Redis, name: str) -> int:
+    try:
+        return next((c["pending"] for c in r.xinfo_consumers(KEYS.stream, GROUP) if c["name"].decode() == name), 0)
+    except redis.ResponseError:
+        return 0
+
+
+def test_hung_model_call_gives_its_batch_to_another_worker_and_exits(make_stack, digits_model):
+    env = digits_env(
+        digits_model,
+        PYTHONPATH=os.pathsep.join(filter(None, [HOOKS, os.environ.get("PYTHONPATH")])),
+        INFERSTACK_TEST_HANG_VALUE="7",
+        INFERSTACK_STALL_TIMEOUT_S="4",
+        INFERSTACK_REQUEST_TIMEOUT_S="90",
+        INFERSTACK_WEB_PROCESSES="1",
+    )
+    stack = make_stack(workers=0, env=env, wait=False)
+    r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.get(stack.url + "/healthz", timeout=1)
+            break
+        except requests.RequestException:  # refused, or accepted but not yet served
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    innocents = [png_bytes(img) for img in digits_model["x_test"][:3]]
+    hanger = png_bytes(np.full((32, 32, 3), 7, np.uint8))
+    # Queued in this order before any worker runs, so the first worker takes all four as one batch.
+    pool = ThreadPoolExecutor(4)
+    futures = []
+    for i, upload in enumerate([*innocents, hanger]):
+        futures.append(pool.submit(post, stack, upload))
+        while r.xlen(KEYS.stream) < i + 1:
+            time.sleep(0.01)
+    first = stack.start_worker()
+    deadline = time.monotonic() + 120
+    while pending_of(r, f"local-worker-1-{os.getpid()}") < 4:
+        assert first.poll() is None and time.monotonic() < deadline, stack_log(stack)
+        time.sleep(0.05)
+    t_stuck = time.monotonic()
+    # The hung worker notices within its stall bound and exits for a restart.
+    assert first.wait(60) == EXIT_STALLED, stack_log(stack)
+    stalled_after = time.monotonic() - t_stuck
+    print(f"hung worker exited {stalled_after:.1f} s after taking the batch (bound 4 s)")
+    assert stalled_after < 30, stalled_after
+    # A second worker reclaims the batch one request at a time: the innocents are answered.
+    stack.start_worker()
+    answers = [f.result() for f in futures[:3]]
+    assert [a.status_code for a in answers] == [200] * 3, stack_log(stack)
+    assert "stalled" in stack_log(stack) and "reclaimed" in stack_log(stack)
+    pool.shutdown(wait=False, cancel_futures=True)
