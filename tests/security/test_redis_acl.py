@@ -25,7 +25,7 @@ import redis
 import requests
 
 from inferstack.config import Settings
-from inferstack.protocol import HEARTBEAT_TTL_S, Keys, WebQueue, WorkerQueue
+from inferstack.protocol import HEARTBEAT_TTL_S, Keys, Poison, Request, WebQueue, WorkerQueue
 from inferstack_operator import builders, spec
 from inferstack_operator.config import OperatorSettings
 from inferstack_operator.credentials import RedisAuth
@@ -242,12 +242,18 @@ def test_worker_user_does_its_whole_job(quiet_redis: Secured) -> None:
     taken = worker.take_batch(8, 0)
     assert [r.request_id for r in taken] == [second]
     time.sleep(HEARTBEAT_TTL_S / 2 + 0.5)  # XCLAIM takes entries idle for at least half a heartbeat
-    claimed = worker.reclaim_from_dead(10)
-    assert [r.request_id for r in claimed] == [first] and claimed[0].deliveries == 2
-    batch = claimed + taken
+    claimed = worker.reclaim_from_dead()
+    assert isinstance(claimed, Request) and claimed.request_id == first and claimed.deliveries == 2
+    batch = [claimed, *taken]
     assert {r.request_id for r in batch} == {first, second}
     worker.complete([(r, {"ok": True, "predictions": [], "model": "m"}) for r in batch], worker.now_ms())
     assert web.wait(first)["ok"] and web.wait(second)["ok"]
     assert web.depth() == 0 and web.live_workers() == ["live"] and web.model_info()["name"] == "m"
+    # An entry no worker can serve goes to the dead-letter stream; its client gets an error.
+    third = web.submit(pixels, top_k=1)
+    (entry,) = worker.take_batch(8, 0)
+    assert isinstance(entry, Request) and entry.request_id == third
+    worker.complete([], worker.now_ms(), dead=[Poison(entry.entry_id, "test", third, {b"id": third.encode()})])
+    assert web.wait(third)["ok"] is False
     worker.leave()
     assert web.live_workers() == []
