@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import redis
 
-from inferstack.devstack import LocalStack
+from tools.devstack import LocalStack
 from inferstack.protocol import RedisFull, WebQueue
 
 

@@ -17,7 +17,7 @@ import redis
 import requests
 
 from inferstack.config import ConfigError, Settings
-from inferstack.devstack import LocalStack
+from tools.devstack import LocalStack
 from inferstack_worker import keras_runtime, openvino_runtime
 from inferstack_worker.model import Classifier, load_classifier, load_keras_model
 from inferstack_worker.runtime import Plan, bucket_sizes, gpu_available, resolve
