@@ -64,6 +64,7 @@ class Settings:
     request_timeout_s: float = 30.0
     max_image_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 50_000_000
+    metrics_port: int = 0  # the worker's own /metrics port; 0 = not served
     top_k: int = 5
     # Key prefix lets several stacks share one Redis (tests, side-by-side benchmarks).
     queue_prefix: str = "inferstack"
@@ -112,6 +113,7 @@ class Settings:
             request_timeout_s=_float(env, "INFERSTACK_REQUEST_TIMEOUT_S", cls.request_timeout_s, 0.1),
             max_image_bytes=_int(env, "INFERSTACK_MAX_IMAGE_BYTES", cls.max_image_bytes, 1),
             max_image_pixels=_int(env, "INFERSTACK_MAX_IMAGE_PIXELS", cls.max_image_pixels, 1),
+            metrics_port=_int(env, "INFERSTACK_METRICS_PORT", cls.metrics_port, 0, 65535),
             top_k=_int(env, "INFERSTACK_TOP_K", cls.top_k, 1, 1000),
             queue_prefix=env.get("INFERSTACK_QUEUE_PREFIX") or cls.queue_prefix,
             worker_name=env.get("INFERSTACK_WORKER_NAME") or None,
