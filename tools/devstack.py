@@ -54,7 +54,11 @@ class LocalStack:
         env: dict[str, str] | None = None,
         log_dir: str | None = None,
         quiet: bool = True,
+        redis_args: list[str] | None = None,
+        web_env: dict[str, str] | None = None,
     ) -> None:
+        """``redis_args``: redis-server's arguments after ``--port`` (default: local, no persistence,
+        no auth); ``web_env`` over ``env`` for gunicorn only (workers take theirs in start_worker)."""
         self.port = port or free_port()
         self.redis_port = redis_port or free_port()
         self.env = {k: v for k, v in os.environ.items()}
@@ -65,6 +69,8 @@ class LocalStack:
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="inferstack-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.quiet = quiet
+        self.redis_args = redis_args
+        self.web_env = web_env or {}
         self.redis: subprocess.Popen | None = None
         self.web: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
@@ -92,8 +98,8 @@ class LocalStack:
         except OSError:
             pass
         self.redis = self._spawn(
-            [server, "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--maxmemory-policy", "noeviction"],
+            [server, "--port", str(self.redis_port), *(self.redis_args if self.redis_args is not None else [
+                "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction"])],
             "redis",
         )
         deadline = time.monotonic() + 10
@@ -125,7 +131,7 @@ class LocalStack:
         return proc
 
     def start_web(self) -> None:
-        self.web = self._spawn(_script("inferstack-web"), "web")
+        self.web = self._spawn(_script("inferstack-web"), "web", {**self.env, **self.web_env})
 
     def wait_ready(self, timeout_s: float = 180.0, workers: int = 1) -> None:
         """Until /readyz says ready with at least `workers` live workers."""

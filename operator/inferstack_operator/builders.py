@@ -15,13 +15,22 @@ from typing import Any
 
 from inferstack.config import Settings, web_memory_limit_bytes
 from inferstack_operator import builders_autoscaling as autoscaling
-from inferstack_operator.config import CONFIG_HASH_ANNOTATION, OperatorSettings
+from inferstack_operator import credentials as cred
+from inferstack_operator.builders_security import (
+    auth_of,
+    build_redis_auth_secret,
+    build_redis_network_policy,
+    build_web_network_policy,
+)
+from inferstack_operator.config import AUTH_HASH_ANNOTATION, CONFIG_HASH_ANNOTATION, OperatorSettings
 from inferstack_operator.names import (
     REDIS,
     REDIS_PORT,
     WEB,
+    WEB_METRICS_PORT,
     WEB_PORT,
     WORKER,
+    auth_secret_name,
     config_name,
     labels,
     redis_name,
@@ -42,6 +51,7 @@ MODELS_MOUNT = "/mnt/models"
 # keras.applications models, up to ~512 KiB for the larger inputs. Budget that per slot.
 QUEUE_SLOT_BYTES = 512 * 1024
 REDIS_BASE_BYTES = 64 * 1024 * 1024  # replies, heartbeats, stream bookkeeping
+ACL_DIR = "/etc/redis-acl"
 
 
 # --- shared pieces --------------------------------------------------------------------------
@@ -92,9 +102,8 @@ def _spread(r: Resolved, component: str) -> list[dict[str, Any]]:
 
 
 def config_data(r: Resolved) -> dict[str, str]:
-    """The environment both web and worker pods read (envFrom the ConfigMap)."""
+    """The environment both web and worker pods read (envFrom the ConfigMap); no secrets."""
     return {
-        "INFERSTACK_REDIS_URL": r.redis_url,
         "INFERSTACK_MAX_QUEUE": str(r.max_queue),
         "INFERSTACK_TOP_K": str(r.top_k),
         "INFERSTACK_MODEL_NAME": r.served_name,
@@ -113,6 +122,10 @@ def merge_env(ours: list[EnvVar], user: tuple[Mapping[str, Any], ...], reserved:
     return ours + [dict(e) for e in user if e["name"] not in taken], ignored
 
 
+def _secret_env(name: str, r: Resolved, key: str) -> EnvVar:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": auth_secret_name(r.name), "key": key}}}
+
+
 def _pod_template(r: Resolved, component: str, options: PodOptions, pod_spec: dict[str, Any],
                   hashed: bool = True) -> dict[str, Any]:
     """The pod template: our labels over the user's, and the cluster settings every tier takes."""
@@ -120,6 +133,8 @@ def _pod_template(r: Resolved, component: str, options: PodOptions, pod_spec: di
     if hashed:
         # envFrom is read only when a container starts: a config change must roll the pods.
         annotations[CONFIG_HASH_ANNOTATION] = config_hash(config_data(r))
+    # Likewise the Redis passwords (env from the Secret; Redis reads its ACL file at start).
+    annotations[AUTH_HASH_ANNOTATION] = auth_of(r).digest()
     if r.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": s} for s in r.image_pull_secrets]
     if options.affinity:
@@ -140,7 +155,7 @@ def ignored_settings(r: Resolved, settings: OperatorSettings) -> list[str]:
     for component, options, env_lists in (
         (WEB, r.web, [web_env(r)]),
         (WORKER, r.worker, [worker_env(r, i) for i in range(_worker_processes(r))]),
-        (REDIS, r.redis, [[]]),
+        (REDIS, r.redis, [redis_env(r)]),
     ):
         dropped = sorted({n for env in env_lists for n in merge_env(env, options.env, _reserved(component, r))[1]})
         if dropped:
@@ -187,7 +202,9 @@ def build_config_map(r: Resolved, settings: OperatorSettings) -> Manifest:
 
 def web_env(r: Resolved) -> list[EnvVar]:
     return [
+        _secret_env("INFERSTACK_REDIS_URL", r, cred.WEB_URL_KEY),
         {"name": "INFERSTACK_PORT", "value": str(WEB_PORT)},
+        {"name": "INFERSTACK_METRICS_PORT", "value": str(WEB_METRICS_PORT)},
         {"name": "INFERSTACK_REQUEST_TIMEOUT_S", "value": str(r.request_timeout_s)},
         {"name": "INFERSTACK_MAX_IMAGE_BYTES", "value": str(r.max_image_bytes)},
         {"name": "HOME", "value": "/tmp"},
@@ -201,7 +218,8 @@ def build_web_deployment(r: Resolved, settings: OperatorSettings) -> Manifest:
         "image": r.web.image or settings.web_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["inferstack-web"],
-        "ports": [{"name": "http", "containerPort": WEB_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "http", "containerPort": WEB_PORT, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": WEB_METRICS_PORT, "protocol": "TCP"}],
         "envFrom": [{"configMapRef": {"name": config_name(r.name)}}],
         "env": env,
         "readinessProbe": {
@@ -257,6 +275,7 @@ def ready_file(index: int) -> str:
 def worker_env(r: Resolved, index: int = 0) -> list[EnvVar]:
     """The environment of worker container ``index`` (one per GPU)."""
     env: list[EnvVar] = [
+        _secret_env("INFERSTACK_REDIS_URL", r, cred.WORKER_URL_KEY),
         {"name": "INFERSTACK_MODEL", "value": _location_path(r.model) if r.model else r.model_name},
         {"name": "INFERSTACK_WEIGHTS",
          "value": _location_path(r.weights) if isinstance(r.weights, Location) else r.weights},
@@ -375,12 +394,19 @@ def redis_memory(r: Resolved) -> tuple[int, int]:
     return maxmemory, limit_mib * 2**20
 
 
+def redis_env(r: Resolved) -> list[EnvVar]:
+    # redis-cli reads the password from here: the readiness probe logs in as the PING-only user.
+    return [_secret_env("REDISCLI_AUTH", r, cred.HEALTH_PASSWORD_KEY)]
+
+
 def build_redis_statefulset(r: Resolved, settings: OperatorSettings) -> Manifest:
     maxmemory, limit = redis_memory(r)
     persistent = r.redis_storage is not None
     args = [
         "--port", str(REDIS_PORT),
-        "--protected-mode", "no",  # reachable only through the cluster network and Services
+        # Users and their rights from the Secret (the default user is off); protected mode stays on.
+        "--aclfile", f"{ACL_DIR}/{cred.ACL_KEY}",
+        "--protected-mode", "yes",
         "--maxmemory", str(maxmemory),
         "--maxmemory-policy", "noeviction",  # a queue must never drop requests silently
         "--dir", "/data",
@@ -392,7 +418,7 @@ def build_redis_statefulset(r: Resolved, settings: OperatorSettings) -> Manifest
     limit_mib = f"{-(-limit // 2**20)}Mi"
     resources = _merge_resources(
         {"requests": {"cpu": "100m", "memory": limit_mib}, "limits": {"memory": limit_mib}}, r.redis.resources)
-    env, _ = merge_env([], r.redis.env)
+    env, _ = merge_env(redis_env(r), r.redis.env)
     container: dict[str, Any] = {
         "name": "redis",
         "image": settings.redis_image,
@@ -401,7 +427,7 @@ def build_redis_statefulset(r: Resolved, settings: OperatorSettings) -> Manifest
         "args": args,
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
         "readinessProbe": {
-            "exec": {"command": ["sh", "-c", "redis-cli -p 6379 ping | grep -q PONG"]},
+            "exec": {"command": ["sh", "-c", f"redis-cli --user health -p {REDIS_PORT} ping | grep -q PONG"]},
             "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3,
         },
         "livenessProbe": {
@@ -410,16 +436,19 @@ def build_redis_statefulset(r: Resolved, settings: OperatorSettings) -> Manifest
         },
         "resources": resources,
         "securityContext": _container_security(),
-        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+        "env": env,
+        "volumeMounts": [{"name": "data", "mountPath": "/data"},
+                         {"name": "acl", "mountPath": ACL_DIR, "readOnly": True}],
     }
-    if env:
-        container["env"] = env
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": _pod_security(REDIS_UID),
         "terminationGracePeriodSeconds": 30,
         "containers": [container],
+        # Readable by the redis group only (fsGroup), not world-readable.
+        "volumes": [{"name": "acl", "secret": {"secretName": auth_secret_name(r.name), "defaultMode": 0o440,
+                                               "items": [{"key": cred.ACL_KEY, "path": cred.ACL_KEY}]}}],
     }
     spec: dict[str, Any] = {
         "replicas": 1,
@@ -442,7 +471,7 @@ def build_redis_statefulset(r: Resolved, settings: OperatorSettings) -> Manifest
             "spec": claim_spec,
         }]
     else:
-        pod_spec["volumes"] = [{"name": "data", "emptyDir": {}}]
+        pod_spec["volumes"].append({"name": "data", "emptyDir": {}})
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -505,10 +534,13 @@ class Child:
 
 CHILDREN: list[Child] = [
     Child("ConfigMap", build_config_map),
+    Child("Secret", build_redis_auth_secret),
+    Child("NetworkPolicy", build_redis_network_policy),
     Child("Service", build_redis_service),
     Child("StatefulSet", build_redis_statefulset, component=REDIS),
     Child("Deployment", build_worker_deployment, component=WORKER),
     Child("Deployment", build_web_deployment, component=WEB),
+    Child("NetworkPolicy", build_web_network_policy),
     Child("Service", build_front_service),
     Child("TriggerAuthentication", autoscaling.build_trigger_authentication, requires=autoscaling.KEDA_API,
           name=worker_name),

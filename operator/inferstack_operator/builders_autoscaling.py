@@ -13,8 +13,19 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from inferstack_operator import credentials as cred
 from inferstack_operator.config import LABEL_COMPONENT, LABEL_INSTANCE, OperatorSettings
-from inferstack_operator.names import REDIS_PORT, WEB, WORKER, labels, redis_name, selector_labels, web_name, worker_name
+from inferstack_operator.names import (
+    REDIS_PORT,
+    WEB,
+    WORKER,
+    auth_secret_name,
+    labels,
+    redis_host,
+    selector_labels,
+    web_name,
+    worker_name,
+)
 from inferstack_operator.spec import Resolved
 
 Manifest = dict[str, Any]
@@ -29,15 +40,6 @@ CONSUMER_GROUP = "workers"
 METRICS_PORT = 9102
 # How often KEDA reads the lag: the wait before a zero-replica Deployment starts scaling up.
 POLLING_INTERVAL_S = 5
-# Issue 9's Secret: the user KEDA logs in to Redis as (read-only XINFO/XLEN/XPENDING).
-KEDA_USERNAME_KEY = "keda-username"
-KEDA_PASSWORD_KEY = "keda-password"
-
-
-def redis_auth_name(name: str) -> str:
-    return f"{name}-redis-auth"
-
-
 def _meta(obj_name: str, r: Resolved, component: str) -> dict[str, Any]:
     return {"name": obj_name, "namespace": r.namespace, "labels": labels(r.name, component)}
 
@@ -52,14 +54,14 @@ def without_keda(r: Resolved) -> Resolved:
 def build_trigger_authentication(r: Resolved, settings: OperatorSettings) -> Manifest | None:
     if r.worker_autoscaling is None:
         return None
-    secret = redis_auth_name(r.name)
+    secret = auth_secret_name(r.name)  # the read-only user KEDA logs in to Redis as
     return {
         "apiVersion": KEDA_API,
         "kind": "TriggerAuthentication",
         "metadata": _meta(worker_name(r.name), r, WORKER),
         "spec": {"secretTargetRef": [
-            {"parameter": "username", "name": secret, "key": KEDA_USERNAME_KEY},
-            {"parameter": "password", "name": secret, "key": KEDA_PASSWORD_KEY},
+            {"parameter": "username", "name": secret, "key": cred.KEDA_USERNAME_KEY},
+            {"parameter": "password", "name": secret, "key": cred.KEDA_PASSWORD_KEY},
         ]},
     }
 
@@ -68,7 +70,7 @@ def build_scaled_object(r: Resolved, settings: OperatorSettings) -> Manifest | N
     scaling = r.worker_autoscaling
     if scaling is None:
         return None
-    address = f"{redis_name(r.name)}.{r.namespace}.svc.{r.cluster_domain}:{REDIS_PORT}"
+    address = f"{redis_host(r.name, r.namespace, r.cluster_domain)}:{REDIS_PORT}"
     return {
         "apiVersion": KEDA_API,
         "kind": "ScaledObject",

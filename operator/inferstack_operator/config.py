@@ -8,10 +8,12 @@ operator Deployment). Every one is optional:
 | ``INFERSTACK_WEB_IMAGE`` | ``ghcr.io/inferstack/web:0.1.0`` | web (gunicorn) image; ``spec.web.image`` overrides |
 | ``INFERSTACK_WORKER_IMAGE`` | ``ghcr.io/inferstack/worker:0.1.0`` | CPU worker image (``spec.worker.gpu: 0``); ``spec.worker.image`` overrides |
 | ``INFERSTACK_WORKER_GPU_IMAGE`` | ``ghcr.io/inferstack/worker-gpu:0.1.0`` | GPU worker image (``spec.worker.gpu > 0``); ``spec.worker.image`` overrides |
-| ``INFERSTACK_REDIS_IMAGE`` | ``redis:7.2.5-alpine`` | Redis image |
+| ``INFERSTACK_REDIS_IMAGE`` | ``redis:7.4.6-alpine`` | Redis image (7.4.6: the 2025 Lua and stream fixes, CVE-2025-49844 and others) |
 | ``INFERSTACK_IMAGE_PULL_POLICY`` | ``IfNotPresent`` | ``Always``, ``IfNotPresent`` or ``Never`` for every container |
 | ``INFERSTACK_OPERATOR_RESYNC_SECONDS`` | ``60`` | period of the timer that repairs children and refreshes status |
 | ``INFERSTACK_CLUSTER_DOMAIN`` | ``cluster.local`` | the cluster's DNS domain, for the Redis URL the pods get and ``status.url`` |
+| ``INFERSTACK_KEDA_NAMESPACE`` | ``keda`` | the namespace of KEDA's operator: the Redis NetworkPolicy admits it when ``spec.worker.autoscaling`` is on |
+| ``INFERSTACK_ALLOWED_IMAGES`` | (empty) | comma-separated image prefixes (end each with ``/``); a ``spec.web.image`` or ``spec.worker.image`` outside them is ``InvalidSpec``. Empty: any image |
 | ``INFERSTACK_OPERATOR_NAMESPACE`` | (empty) | ``inferstack-operator`` without ``--namespace``/``--all-namespaces``: watch this namespace (comma-separated for several); empty means all namespaces |
 """
 
@@ -46,6 +48,9 @@ EPHEMERAL_LABEL = "inferstack.dev/ephemeral"
 # Pod template annotation: a digest of the shared ConfigMap, so a config change rolls the pods
 # (envFrom is read only when a container starts).
 CONFIG_HASH_ANNOTATION = "inferstack.dev/config-hash"
+# Pod template annotation: a digest of the Redis passwords, so a rotation (the Secret deleted and
+# issued again) rolls Redis (it reads its ACL file at start) and the pods that log in to it.
+AUTH_HASH_ANNOTATION = "inferstack.dev/redis-auth-hash"
 
 ENV_WEB_IMAGE = "INFERSTACK_WEB_IMAGE"
 ENV_WORKER_IMAGE = "INFERSTACK_WORKER_IMAGE"
@@ -55,6 +60,8 @@ ENV_IMAGE_PULL_POLICY = "INFERSTACK_IMAGE_PULL_POLICY"
 ENV_RESYNC_SECONDS = "INFERSTACK_OPERATOR_RESYNC_SECONDS"
 ENV_WATCH_NAMESPACE = "INFERSTACK_OPERATOR_NAMESPACE"
 ENV_CLUSTER_DOMAIN = "INFERSTACK_CLUSTER_DOMAIN"
+ENV_KEDA_NAMESPACE = "INFERSTACK_KEDA_NAMESPACE"
+ENV_ALLOWED_IMAGES = "INFERSTACK_ALLOWED_IMAGES"
 
 # All the settings the operator reads, for the chart engineer.
 OPERATOR_ENV = (
@@ -66,9 +73,12 @@ OPERATOR_ENV = (
     ENV_RESYNC_SECONDS,
     ENV_WATCH_NAMESPACE,
     ENV_CLUSTER_DOMAIN,
+    ENV_KEDA_NAMESPACE,
+    ENV_ALLOWED_IMAGES,
 )
 
 PULL_POLICIES = ("Always", "IfNotPresent", "Never")
+NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 # kind -> (API group, version, plural) of everything the operator reads or writes; the client
@@ -80,6 +90,8 @@ RESOURCES: dict[str, tuple[str, str, str]] = {
     "Pod": ("", "v1", "pods"),
     "Deployment": ("apps", "v1", "deployments"),
     "StatefulSet": ("apps", "v1", "statefulsets"),
+    "Secret": ("", "v1", "secrets"),
+    "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
     "HorizontalPodAutoscaler": ("autoscaling", "v2", "horizontalpodautoscalers"),
     "ScaledObject": ("keda.sh", "v1alpha1", "scaledobjects"),
     "TriggerAuthentication": ("keda.sh", "v1alpha1", "triggerauthentications"),
@@ -97,11 +109,13 @@ class OperatorSettings:
     web_image: str = "ghcr.io/inferstack/web:0.1.0"
     worker_image: str = "ghcr.io/inferstack/worker:0.1.0"
     worker_gpu_image: str = "ghcr.io/inferstack/worker-gpu:0.1.0"
-    redis_image: str = "redis:7.2.5-alpine"
+    redis_image: str = "redis:7.4.6-alpine"
     image_pull_policy: str = "IfNotPresent"
     resync_seconds: float = 60.0
     cluster_domain: str = "cluster.local"
     watch_namespaces: tuple[str, ...] = ()
+    keda_namespace: str = "keda"
+    allowed_images: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -119,6 +133,9 @@ class OperatorSettings:
         domain = (env.get(ENV_CLUSTER_DOMAIN) or cls.cluster_domain).strip().rstrip(".").lower()
         if not DOMAIN.match(domain):
             raise SettingsError(f"{ENV_CLUSTER_DOMAIN} must be a DNS domain such as cluster.local, got {domain!r}")
+        keda = (env.get(ENV_KEDA_NAMESPACE) or cls.keda_namespace).strip()
+        if not NAMESPACE.match(keda) or len(keda) > 63:
+            raise SettingsError(f"{ENV_KEDA_NAMESPACE} must be a namespace name, got {keda!r}")
         return cls(
             web_image=env.get(ENV_WEB_IMAGE) or cls.web_image,
             worker_image=env.get(ENV_WORKER_IMAGE) or cls.worker_image,
@@ -127,5 +144,12 @@ class OperatorSettings:
             image_pull_policy=policy,
             resync_seconds=resync,
             cluster_domain=domain,
-            watch_namespaces=tuple(n.strip() for n in (env.get(ENV_WATCH_NAMESPACE) or "").split(",") if n.strip()),
+            watch_namespaces=_names(env.get(ENV_WATCH_NAMESPACE)),
+            keda_namespace=keda,
+            allowed_images=_names(env.get(ENV_ALLOWED_IMAGES)),
         )
+
+
+def _names(raw: str | None) -> tuple[str, ...]:
+    """A comma-separated setting as a tuple, blanks dropped."""
+    return tuple(n.strip() for n in (raw or "").split(",") if n.strip())

@@ -17,6 +17,10 @@ WORKER = "worker"
 REDIS = "redis"
 WEB_PORT = 8080
 REDIS_PORT = 6379
+# The web pods' /metrics listener: off the public port, so the Service never exposes it.
+WEB_METRICS_PORT = 9090
+# The data plane's Redis key prefix (its INFERSTACK_QUEUE_PREFIX default): the ACL grants these keys.
+QUEUE_PREFIX = "inferstack"
 
 
 def web_name(name: str) -> str:
@@ -33,6 +37,10 @@ def redis_name(name: str) -> str:
 
 def config_name(name: str) -> str:
     return f"{name}-config"
+
+
+def auth_secret_name(name: str) -> str:
+    return f"{name}-redis-auth"
 
 
 def selector_labels(name: str, component: str) -> dict[str, str]:
@@ -52,8 +60,8 @@ def label_selector(name: str, component: str) -> str:
     return ",".join(f"{k}={v}" for k, v in selector_labels(name, component).items())
 
 
-def redis_url(name: str, namespace: str, cluster_domain: str) -> str:
-    return f"redis://{redis_name(name)}.{namespace}.svc.{cluster_domain}:{REDIS_PORT}/0"
+def redis_host(name: str, namespace: str, cluster_domain: str) -> str:
+    return f"{redis_name(name)}.{namespace}.svc.{cluster_domain}"
 
 
 def service_url(name: str, namespace: str, cluster_domain: str, port: int) -> str:

@@ -16,11 +16,18 @@ RULES: list[dict[str, Any]] = [
     # The custom resource: kopf watches it, patches its finalizer/annotations; we write status.
     {"apiGroups": [GROUP], "resources": [PLURAL], "verbs": ["get", "list", "watch", "patch"]},
     {"apiGroups": [GROUP], "resources": [f"{PLURAL}/status"], "verbs": ["patch"]},
+    # Children carry an ownerReference with blockOwnerDeletion: clusters that enforce
+    # OwnerReferencesPermissionEnforcement require update on the owner's finalizers for that.
+    {"apiGroups": [GROUP], "resources": [f"{PLURAL}/finalizers"], "verbs": ["update"]},
     # Children: read for drift, server-side apply to create (needs create too) or update.
     # list/watch on Deployments/StatefulSets: status changes flow into the owner's status.
     {"apiGroups": ["apps"], "resources": ["deployments", "statefulsets"],
      "verbs": ["get", "list", "watch", "create", "patch"]},
     {"apiGroups": [""], "resources": ["services", "configmaps"], "verbs": ["get", "create", "patch"]},
+    # The Redis passwords (read back so they survive resyncs) and who may reach Redis / the web port.
+    # Same verbs: never list, watch or delete, so the operator reads only the Secrets it names.
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "patch"]},
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"], "verbs": ["get", "create", "patch"]},
     # Autoscalers and PodMonitors (optional children): created, updated, and deleted again when
     # the spec stops asking for them.
     {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"],

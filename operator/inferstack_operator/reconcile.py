@@ -7,6 +7,7 @@ matches is left alone. Every failure is a ``ReconcileError``. kopf decorators li
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ import kopf
 
 from inferstack_operator import builders, builders_autoscaling, drift, names, reasons, spec, status
 from inferstack_operator.config import OperatorSettings
+from inferstack_operator.credentials import RedisAuth
 from inferstack_operator.kube import ApiError, KubeClient
 from inferstack_operator.reasons import ReconcileError
 
@@ -47,7 +49,17 @@ class Outcome:
 def resolve_body(body: Mapping[str, Any], settings: OperatorSettings) -> spec.Resolved:
     """The InferenceService's spec, resolved. Raises ``SpecError``."""
     meta = body.get("metadata") or {}
-    return spec.resolve(meta["name"], meta["namespace"], body.get("spec"), settings.cluster_domain)
+    r = spec.resolve(meta["name"], meta["namespace"], body.get("spec"), settings.cluster_domain)
+    spec.check_images(r, settings.allowed_images)
+    return r
+
+
+async def redis_auth(kube: KubeClient, r: spec.Resolved, owner_uid: str | None) -> RedisAuth:
+    """The passwords in our live Secret, so they stay put across resyncs; new ones when it is
+    missing (first create, or deleted to rotate them) or is not ours."""
+    live = await kube.get("Secret", r.namespace, names.auth_secret_name(r.name))
+    found = RedisAuth.from_secret(live) if live is not None and _controlled_by(live, owner_uid) else None
+    return found or RedisAuth.generate()
 
 
 def _describe(manifest: Mapping[str, Any]) -> str:
@@ -160,6 +172,7 @@ async def reconcile(body: kopf.Body, kube: KubeClient, settings: OperatorSetting
     outcome = Outcome(resolved=r, observed=Observed(), notes=builders.ignored_settings(r, settings))
     try:
         await check_claims(kube, r)
+        outcome.resolved = r = dataclasses.replace(r, redis_auth=await redis_auth(kube, r, body.metadata.uid))
         await _apply_children(body, kube, outcome, settings)
         outcome.observed.pods = await read_pods(kube, r, outcome.observed.children)
     except ApiError as e:

@@ -18,9 +18,10 @@ from kubernetes.utils import parse_quantity
 
 from inferstack.config import PRECISIONS, RUNTIMES
 from inferstack_operator import names
+from inferstack_operator.credentials import RedisAuth
 from inferstack_operator.reasons import SpecError
 
-__all__ = ["Location", "PodOptions", "Resolved", "SpecError", "parse_location", "quantity", "resolve"]
+__all__ = ["Location", "PodOptions", "Resolved", "SpecError", "check_images", "parse_location", "quantity", "resolve"]
 
 GPU_RESOURCE = "nvidia.com/gpu"
 # Longer than Kubernetes' own derived names allow: the StatefulSet pod "<name>-redis-0" and its
@@ -116,6 +117,12 @@ class Resolved:
     web: PodOptions
     worker: PodOptions
     redis: PodOptions
+    # spec.networkPolicy.web.from: who may reach the web port (None: no policy on the web pods)
+    web_ingress_from: tuple[Mapping[str, Any], ...] | None = None
+    # spec.worker.autoscaling is on: KEDA's scaler must reach Redis too
+    keda_reaches_redis: bool = False
+    # Set by the reconciler (read from the live Secret, or generated), never from the spec.
+    redis_auth: RedisAuth | None = field(default=None, repr=False)
     worker_autoscaling: WorkerAutoscaling | None = None
     web_autoscaling: WebAutoscaling | None = None
     monitoring: bool = False
@@ -137,10 +144,6 @@ class Resolved:
     def served_name(self) -> str:
         """The name clients use for the model (v2 API): architecture or file stem, lower-cased."""
         return (PurePosixPath(self.model.path).stem if self.model else self.model_name).lower()
-
-    @property
-    def redis_url(self) -> str:
-        return names.redis_url(self.name, self.namespace, self.cluster_domain)
 
     @property
     def url(self) -> str:
@@ -321,6 +324,33 @@ def _pull_secrets(spec: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(result)
 
 
+def _web_ingress(spec: Mapping[str, Any]) -> tuple[Mapping[str, Any], ...] | None:
+    policy = _section(spec, "networkPolicy")
+    if policy.get("web") is None:
+        return None
+    peers = _section(policy, "web", "spec.networkPolicy").get("from")
+    # An empty "from" would admit everyone in a NetworkPolicy: refuse it rather than guess.
+    if not isinstance(peers, list) or not peers or not all(isinstance(p, Mapping) and p for p in peers):
+        raise SpecError("spec.networkPolicy.web.from must list at least one NetworkPolicy peer "
+                        "(podSelector, namespaceSelector or ipBlock)")
+    return tuple(dict(p) for p in peers)
+
+
+def _autoscaling_on(worker: Mapping[str, Any]) -> bool:
+    section = worker.get("autoscaling")
+    return isinstance(section, Mapping) and section.get("enabled", True) is not False
+
+
+def check_images(r: Resolved, allowed_prefixes: tuple[str, ...]) -> None:
+    """With an operator allowlist, every spec.*.image must start with one of its prefixes."""
+    if not allowed_prefixes:
+        return
+    for where, image in (("spec.web.image", r.web.image), ("spec.worker.image", r.worker.image)):
+        if image is not None and not image.startswith(allowed_prefixes):
+            raise SpecError(f"{where} {image!r} is not allowed by this operator: images must start with "
+                            f"{' or '.join(repr(p) for p in allowed_prefixes)}")
+
+
 def resolve(name: str, namespace: str, spec: Mapping[str, Any] | None,
             cluster_domain: str = "cluster.local") -> Resolved:
     """Defaults and cross-field checks for one InferenceService; raises ``SpecError``."""
@@ -397,6 +427,8 @@ def resolve(name: str, namespace: str, spec: Mapping[str, Any] | None,
         web=_pod_options(web, "spec.web"),
         worker=worker_options,
         redis=_pod_options(redis, "spec.redis", image=False),  # the operator's Redis image only
+        web_ingress_from=_web_ingress(spec),
+        keda_reaches_redis=_autoscaling_on(worker),
         worker_autoscaling=_worker_autoscaling(worker, _int(worker, "batchSize", "spec.worker", 32, 1, 1024)),
         web_autoscaling=_web_autoscaling(web),
         monitoring=_monitoring(spec),

@@ -34,10 +34,12 @@ CASES: dict[str, dict] = {
             "web": {"repository": "registry.example.com/ml/web", "tag": "1.2.3"},
             "worker": {"repository": "registry.example.com/ml/worker", "tag": "1.2.3"},
             "workerGpu": {"repository": "registry.example.com/ml/worker-gpu", "tag": "1.2.3-cuda"},
-            "redis": {"repository": "registry.example.com/redis", "tag": "7.2.5"},
+            "redis": {"repository": "registry.example.com/redis", "tag": "7.4.6"},
         },
         "imagePullSecrets": [{"name": "regcred"}],
         "clusterDomain": "corp.example",
+        "kedaNamespace": "autoscalers",
+        "allowedImages": ["registry.example.com/ml/", "registry.example.com/redis:"],
         "serviceAccount": {"create": False, "name": "ml-operator"},
         "nodeSelector": {"kubernetes.io/os": "linux"},
         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
@@ -56,6 +58,8 @@ BAD_VALUES: dict[str, tuple[dict, str]] = {
     "redis-without-tag": ({"images": {"redis": {"repository": "redis", "tag": ""}}}, "/images/redis"),
     "clusterDomain-not-dns": ({"clusterDomain": "Corp_Example"}, "/clusterDomain"),
     "sample-spec-not-object": ({"sample": {"enabled": True, "spec": "gpu: 1"}}, "/sample/spec"),
+    "allowedImages-comma": ({"allowedImages": ["a/,b/"]}, "/allowedImages"),
+    "kedaNamespace-upper": ({"kedaNamespace": "KEDA"}, "/kedaNamespace"),
 }
 
 # Values the templates refuse with `fail`: (case name, values, a fragment of the message).

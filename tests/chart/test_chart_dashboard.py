@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import re
 
-from inferstack_operator import builders, builders_autoscaling, spec
+from inferstack_operator import builders, builders_autoscaling
+from tests.operator.test_operator_builders import resolved
 from inferstack_operator.config import OperatorSettings
 
 from .conftest import REPO, find
@@ -45,7 +46,7 @@ def test_dashboard_queries_exported_metrics_with_the_podmonitor_labels() -> None
     # The queue depth is the same Redis value on every web pod: never summed.
     assert not [e for e in exprs() if re.search(r"sum[^(]*\(\s*inferstack_queue_depth", e)]
     # Series carry the labels the PodMonitors copy from the pods.
-    r = spec.resolve("demo", "ml", {"monitoring": {"enabled": True}})
+    r = resolved({"monitoring": {"enabled": True}})
     monitors = [m for _, m in builders.build_children(r, OperatorSettings(), {builders_autoscaling.MONITORING_API})
                 if m["kind"] == "PodMonitor"]
     assert len(monitors) == 2

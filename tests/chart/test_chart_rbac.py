@@ -105,6 +105,11 @@ class FakeAPI:
             obj = self.objects.get(path)
             return web.json_response(obj) if obj else web.json_response({"kind": "Status", "code": 404}, status=404)
         body = await request.json()
+        for ref in (body.get("metadata") or {}).get("ownerReferences") or []:
+            if ref.get("blockOwnerDeletion"):
+                # OwnerReferencesPermissionEnforcement: setting it needs update on the owner's finalizers.
+                owner = f"/apis/{ref['apiVersion']}/namespaces/{path.split('/')[-3]}/inferenceservices/{ref['name']}"
+                self.requests.append(("PUT", f"{owner}/finalizers", {}))
         if request.method == "POST":
             obj = copy.deepcopy(body)
             obj["metadata"]["uid"] = f"uid-{len(self.objects)}"
@@ -215,8 +220,8 @@ def test_declared_cluster_scoped_resources() -> None:
 def test_every_observed_request_is_allowed(rendered: dict, observed: set) -> None:
     kinds = {perm[1] for _, perm in observed}
     # The walk reached every kind of child and the status subresource.
-    assert {"deployments", "statefulsets", "services", "configmaps", "inferenceservices/status",
-            "inferenceservices"} <= kinds, kinds
+    assert {"deployments", "statefulsets", "services", "configmaps", "secrets", "networkpolicies",
+            "inferenceservices/status", "inferenceservices", "inferenceservices/finalizers"} <= kinds, kinds
     assert {perm[2] for _, perm in observed} >= {"get", "create", "patch"}
     for ns, perm in sorted(observed, key=str):
         assert ns == APP_NS, f"request outside the resource's namespace: {perm}"

@@ -122,10 +122,16 @@ def test_custom_images(rendered: dict) -> None:
         opconfig.ENV_WEB_IMAGE: "registry.example.com/ml/web:1.2.3",
         opconfig.ENV_WORKER_IMAGE: "registry.example.com/ml/worker:1.2.3",
         opconfig.ENV_WORKER_GPU_IMAGE: "registry.example.com/ml/worker-gpu:1.2.3-cuda",
-        opconfig.ENV_REDIS_IMAGE: "registry.example.com/redis:7.2.5",
+        opconfig.ENV_REDIS_IMAGE: "registry.example.com/redis:7.4.6",
         opconfig.ENV_IMAGE_PULL_POLICY: "Always",
         opconfig.ENV_CLUSTER_DOMAIN: "corp.example",
+        opconfig.ENV_KEDA_NAMESPACE: "autoscalers",
+        opconfig.ENV_ALLOWED_IMAGES: "registry.example.com/ml/,registry.example.com/redis:",
     }
+    # What the operator makes of them.
+    settings = opconfig.OperatorSettings.from_env(env(objs))
+    assert settings.keda_namespace == "autoscalers"
+    assert settings.allowed_images == ("registry.example.com/ml/", "registry.example.com/redis:")
     pod = only(objs, "Deployment")["spec"]["template"]["spec"]
     assert pod["imagePullSecrets"] == [{"name": "regcred"}]
     assert pod["serviceAccountName"] == "ml-operator"
@@ -207,3 +213,12 @@ def test_docs_inference_services_are_valid() -> None:
     assert blocks
     for block in blocks:
         validate_cr(yaml.safe_load(block))
+
+
+def test_notes_say_what_the_operator_may_do(rendered: dict) -> None:
+    notes = rendered["default"]["notes"]
+    assert "cluster-wide mode" in notes and "EVERY namespace" in notes and "Secrets" in notes
+    assert "set watchNamespaces" in notes
+    notes = rendered["namespaced"]["notes"]
+    assert "a Role in each of team-a, team-b only" in notes and "EVERY namespace" not in notes
+    assert "Permissions" not in rendered["paused-no-rbac"]["notes"]

@@ -42,6 +42,8 @@ RESOURCES: dict[str, dict[str, Any]] = {
                                  subresources={"status", "scale"}),
     "v1/services": dict(kind="Service", singular="service", namespaced=True, subresources={"status"}),
     "v1/configmaps": dict(kind="ConfigMap", singular="configmap", namespaced=True),
+    "v1/secrets": dict(kind="Secret", singular="secret", namespaced=True),
+    "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy", singular="networkpolicy", namespaced=True),
     "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim", singular="persistentvolumeclaim",
                                       namespaced=True, subresources={"status"}),
     "v1/pods": dict(kind="Pod", singular="pod", namespaced=True, subresources={"status"}),

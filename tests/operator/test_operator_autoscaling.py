@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import celpy
 import kubernetes_validate
 import pytest
+from tests.operator.test_operator_builders import resolved
 from tests.operator.test_operator_crd import admit, version
 
 from inferstack import protocol
@@ -31,7 +33,7 @@ KEDA_REDIS_STREAMS_KEYS = {
 
 
 def children(body: dict[str, Any], served: set[str]) -> dict[str, dict[str, Any]]:
-    r = spec.resolve("demo", "ml", body)
+    r = resolved(body)
     return {f"{m['kind']}/{m['metadata']['name']}": m for _, m in builders.build_children(r, SETTINGS, served)}
 
 
@@ -100,8 +102,9 @@ def test_scaled_object_follows_keda_redis_streams_docs() -> None:
     # The very stream and group the data plane uses, on the Redis the pods use.
     assert meta["stream"] == protocol.Keys("inferstack").stream
     assert meta["consumerGroup"] == protocol.GROUP
-    redis_url = objs["ConfigMap/demo-config"]["data"]["INFERSTACK_REDIS_URL"]
-    assert redis_url == f"redis://{meta['address']}/{meta['databaseIndex']}"
+    assert meta["address"] == "demo-redis.ml.svc.cluster.local:6379" and meta["databaseIndex"] == "0"
+    worker_url = base64.b64decode(objs["Secret/demo-redis-auth"]["data"]["worker-url"]).decode()
+    assert worker_url.endswith(f"@{meta['address']}/{meta['databaseIndex']}"), "KEDA reads the workers' Redis"
     assert trigger["authenticationRef"] == {"name": "demo-worker"}
     auth = objs["TriggerAuthentication/demo-worker"]["spec"]["secretTargetRef"]
     assert auth == [{"parameter": "username", "name": "demo-redis-auth", "key": "keda-username"},
@@ -164,13 +167,13 @@ def test_pod_monitors_only_when_enabled_and_served() -> None:
 
 
 def test_unwanted_children_are_the_prunable_ones_the_spec_dropped() -> None:
-    r = spec.resolve("demo", "ml", {})
+    r = resolved({})
     assert builders.unwanted_children(r, SETTINGS, {KEDA, MONITORING}) == [
         ("TriggerAuthentication", "demo-worker"), ("ScaledObject", "demo-worker"),
         ("HorizontalPodAutoscaler", "demo-web"), ("PodMonitor", "demo-web"), ("PodMonitor", "demo-worker")]
     # APIs the cluster does not serve have nothing to prune; wanted children are kept.
     assert builders.unwanted_children(r, SETTINGS, set()) == [("HorizontalPodAutoscaler", "demo-web")]
-    scaled = spec.resolve("demo", "ml", {**AUTOSCALED, "monitoring": {"enabled": True}})
+    scaled = resolved({**AUTOSCALED, "monitoring": {"enabled": True}})
     assert builders.unwanted_children(scaled, SETTINGS, {KEDA, MONITORING}) == []
 
 

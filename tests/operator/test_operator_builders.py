@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 from typing import Any
 
 import kubernetes_validate
@@ -11,9 +13,11 @@ from tests.operator.conftest import EXAMPLES
 
 from inferstack_operator import builders, drift, spec
 from inferstack_operator.config import OperatorSettings, SettingsError
+from inferstack_operator.credentials import RedisAuth
 
 K8S_VERSION = "1.31"
 SETTINGS = OperatorSettings()
+AUTH = RedisAuth.generate()
 
 AFFINITY = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
     {"matchExpressions": [{"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["g5.xlarge"]}]}]}}}
@@ -62,10 +66,14 @@ def by_kind(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {f"{m['kind']}/{m['metadata']['name']}": m for m in manifests}
 
 
+def resolved(body: dict[str, Any] | None, name: str = "demo", domain: str = "cluster.local") -> spec.Resolved:
+    """What the reconciler hands the builders: the spec resolved, with the Redis passwords."""
+    return dataclasses.replace(spec.resolve(name, "ml", body, domain), redis_auth=AUTH)
+
+
 def manifests(body: dict[str, Any] | None, name: str = "demo", settings: OperatorSettings = SETTINGS
               ) -> list[dict[str, Any]]:
-    r = spec.resolve(name, "ml", body, settings.cluster_domain)
-    return [m for _, m in builders.build_children(r, settings)]
+    return [m for _, m in builders.build_children(resolved(body, name, settings.cluster_domain), settings)]
 
 
 def build(body: dict[str, Any], name: str = "demo", settings: OperatorSettings = SETTINGS) -> dict[str, dict[str, Any]]:
@@ -90,7 +98,7 @@ def test_every_manifest_is_valid_kubernetes(case: str) -> None:
 def test_examples_build_valid_children(filename: str) -> None:
     body = yaml.safe_load((EXAMPLES / filename).read_text())
     children = manifests(body["spec"], body["metadata"]["name"])
-    assert len(children) == 6
+    assert len(children) == 8
     for manifest in children:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
 
@@ -98,6 +106,7 @@ def test_examples_build_valid_children(filename: str) -> None:
 def test_defaults() -> None:
     objs = build({})
     assert sorted(objs) == ["ConfigMap/demo-config", "Deployment/demo-web", "Deployment/demo-worker",
+                            "NetworkPolicy/demo-redis", "Secret/demo-redis-auth",
                             "Service/demo", "Service/demo-redis", "StatefulSet/demo-redis"]
     for key, obj in objs.items():
         labels = obj["metadata"]["labels"]
@@ -106,7 +115,6 @@ def test_defaults() -> None:
         assert labels["app.kubernetes.io/managed-by"] == "inferstack-operator"
         assert obj["metadata"]["namespace"] == "ml"
     assert objs["ConfigMap/demo-config"]["data"] == {
-        "INFERSTACK_REDIS_URL": "redis://demo-redis.ml.svc.cluster.local:6379/0",
         "INFERSTACK_MAX_QUEUE": "1000",
         "INFERSTACK_TOP_K": "5",
         "INFERSTACK_MODEL_NAME": "resnet50",
@@ -119,8 +127,12 @@ def test_defaults() -> None:
     assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert c["ports"][0]["containerPort"] == 8080
+    # /metrics on its own port, which the front Service (targetPort http) never exposes.
+    assert c["ports"][1] == {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}
     assert c["envFrom"] == [{"configMapRef": {"name": "demo-config"}}]
-    assert env(web) | {} == {"INFERSTACK_PORT": "8080", "INFERSTACK_REQUEST_TIMEOUT_S": "30",
+    assert env(web) | {} == {"INFERSTACK_REDIS_URL": {"secretKeyRef": {"name": "demo-redis-auth", "key": "web-url"}},
+                             "INFERSTACK_PORT": "8080", "INFERSTACK_METRICS_PORT": "9090",
+                             "INFERSTACK_REQUEST_TIMEOUT_S": "30",
                              "INFERSTACK_MAX_IMAGE_BYTES": "10485760", "HOME": "/tmp"}
 
     worker = objs["Deployment/demo-worker"]
@@ -220,7 +232,7 @@ def test_redis_without_persistence() -> None:
     assert maxmemory == 1000 * 512 * 1024 + 64 * 1024 * 1024
     assert spec.quantity(container(sts)["resources"]["limits"]["memory"]) >= maxmemory
     assert "volumeClaimTemplates" not in sts["spec"]
-    assert sts["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {}}]
+    assert {"name": "data", "emptyDir": {}} in sts["spec"]["template"]["spec"]["volumes"]
     assert sts["spec"]["serviceName"] == "demo-redis"
     probe = container(sts)["readinessProbe"]["exec"]["command"]
     assert "redis-cli" in probe[-1] and "ping" in probe[-1]
@@ -234,7 +246,7 @@ def test_redis_with_persistence() -> None:
     assert claim["metadata"]["name"] == "data"
     assert claim["spec"]["resources"]["requests"]["storage"] == "2Gi"
     assert claim["spec"]["storageClassName"] == "fast"
-    assert "volumes" not in sts["spec"]["template"]["spec"]
+    assert [v["name"] for v in sts["spec"]["template"]["spec"]["volumes"]] == ["acl"]  # data: the claim
 
 
 def test_redis_memory_from_limit() -> None:
@@ -424,7 +436,8 @@ def test_our_env_and_labels_win_and_say_so() -> None:
             "worker": {"env": [{"name": "INFERSTACK_BATCH_SIZE", "value": "1"}]}}
     objs = build(body)
     web = env(objs["Deployment/demo-web"])
-    assert web["INFERSTACK_PORT"] == "8080" and web["MINE"] == "x" and "INFERSTACK_REDIS_URL" not in web
+    assert web["INFERSTACK_PORT"] == "8080" and web["MINE"] == "x"
+    assert web["INFERSTACK_REDIS_URL"] == {"secretKeyRef": {"name": "demo-redis-auth", "key": "web-url"}}
     assert env(objs["Deployment/demo-worker"])["INFERSTACK_BATCH_SIZE"] == "32"
     labels = objs["Deployment/demo-web"]["spec"]["template"]["metadata"]["labels"]
     assert labels["app.kubernetes.io/instance"] == "demo" and labels["team"] == "a"
@@ -441,8 +454,8 @@ def test_cluster_domain_setting() -> None:
     settings = OperatorSettings.from_env({"INFERSTACK_CLUSTER_DOMAIN": "corp.example."})
     assert settings.cluster_domain == "corp.example"
     objs = build({}, settings=settings)
-    assert objs["ConfigMap/demo-config"]["data"]["INFERSTACK_REDIS_URL"] == \
-        "redis://demo-redis.ml.svc.corp.example:6379/0"
+    assert base64.b64decode(objs["Secret/demo-redis-auth"]["data"]["web-url"]).decode() == \
+        f"redis://web:{AUTH.web}@demo-redis.ml.svc.corp.example:6379/0"
     assert spec.resolve("demo", "ml", {}, settings.cluster_domain).url == "http://demo.ml.svc.corp.example:80/predict"
     with pytest.raises(SettingsError):
         OperatorSettings.from_env({"INFERSTACK_CLUSTER_DOMAIN": "not a domain"})
@@ -456,13 +469,13 @@ def test_registry_builds_optional_children_only_when_their_api_is_served(monkeyp
     monkeypatch.setattr(builders, "CHILDREN", [*builders.CHILDREN,
                                                builders.Child("Widget", widget, requires="example.com/v1")])
     assert builders.required_apis() == {"example.com/v1", "keda.sh/v1alpha1", "monitoring.coreos.com/v1"}
-    r = spec.resolve("demo", "ml", {"worker": {"replicas": 2}})
+    r = resolved({"worker": {"replicas": 2}})
     kinds = [m["kind"] for _, m in builders.build_children(r, SETTINGS)]
-    assert "Widget" not in kinds and len(kinds) == 6
+    assert "Widget" not in kinds and len(kinds) == 8
     kinds = [m["kind"] for _, m in builders.build_children(r, SETTINGS, served={"example.com/v1"})]
     assert kinds[-1] == "Widget"
     # A builder returning None: this spec does not want the child.
-    one = spec.resolve("demo", "ml", {"worker": {"replicas": 1}})
+    one = resolved({"worker": {"replicas": 1}})
     assert "Widget" not in [m["kind"] for _, m in builders.build_children(one, SETTINGS, {"example.com/v1"})]
 
 

@@ -1,12 +1,14 @@
 """The env names the operator writes into web and worker pods are exactly the ones the data plane reads.
 
 Every built container's environment (the ConfigMap it loads with envFrom, then its own env,
-with fieldRefs and $(VAR) references resolved as the kubelet does) goes through
+with fieldRefs, secretKeyRefs into the operator's Secret and $(VAR) references resolved as
+the kubelet does) goes through
 ``Settings.from_env`` and the web CLI's gunicorn argv; each value must arrive.
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
 from typing import Any
@@ -16,9 +18,11 @@ import pytest
 from inferstack.config import Settings
 from inferstack_operator import builders, spec
 from inferstack_operator.config import OperatorSettings
+from inferstack_operator.credentials import RedisAuth
 from inferstack_web.cli import gunicorn_argv
 
 POD = "demo-worker-7d9f-abcde"
+AUTH = RedisAuth.generate()
 # Every value differs from the data plane's default, so a value that "arrives" cannot be a default.
 SPEC: dict[str, Any] = {
     "model": {"uri": "pvc://models/flowers/Flowers.keras", "labels": "pvc://models/flowers/labels.txt",
@@ -30,11 +34,15 @@ SPEC: dict[str, Any] = {
 }
 
 
-def pod_env(config: dict[str, str], container: dict[str, Any]) -> dict[str, str]:
-    """What the process sees: envFrom first, env entries over it, fieldRef/$(VAR) resolved."""
+def pod_env(config: dict[str, str], container: dict[str, Any], secret: dict[str, Any]) -> dict[str, str]:
+    """What the process sees: envFrom first, env entries over it, fieldRef/secretKeyRef/$(VAR) resolved."""
     env = dict(config)
     for item in container["env"]:
-        if "valueFrom" in item:
+        if "secretKeyRef" in item.get("valueFrom", {}):
+            ref = item["valueFrom"]["secretKeyRef"]
+            assert ref["name"] == secret["metadata"]["name"], item
+            env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        elif "valueFrom" in item:
             assert item["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}, item
             env[item["name"]] = POD
         else:
@@ -43,13 +51,14 @@ def pod_env(config: dict[str, str], container: dict[str, Any]) -> dict[str, str]
 
 
 def containers() -> list[tuple[str, dict[str, str]]]:
-    r = spec.resolve("demo", "ml", SPEC)
-    objs = {m["metadata"]["name"]: m for _, m in builders.build_children(r, OperatorSettings())}
-    config = objs["demo-config"]["data"]
+    r = dataclasses.replace(spec.resolve("demo", "ml", SPEC), redis_auth=AUTH)
+    objs = {f'{m["kind"]}/{m["metadata"]["name"]}': m for _, m in builders.build_children(r, OperatorSettings())}
+    config = objs["ConfigMap/demo-config"]["data"]
+    secret = objs["Secret/demo-redis-auth"]
     result = []
     for deployment in ("demo-web", "demo-worker"):
-        for c in objs[deployment]["spec"]["template"]["spec"]["containers"]:
-            result.append((c["name"], pod_env(config, c)))
+        for c in objs[f"Deployment/{deployment}"]["spec"]["template"]["spec"]["containers"]:
+            result.append((c["name"], pod_env(config, c, secret)))
     return result
 
 
@@ -85,3 +94,10 @@ def test_each_gpu_worker_is_its_own_consumer() -> None:
     assert [Settings.from_env(e).worker_name for e in workers] == [POD, f"{POD}-gpu1"]
     assert len({Settings.from_env(e).ready_file for e in workers}) == 2
     assert {Settings.from_env(e).model_name for e in workers} == {"flowers"}
+
+
+def test_web_and_worker_log_in_as_their_own_redis_users() -> None:
+    urls = {name: Settings.from_env(env).redis_url for name, env in containers()}
+    host = "demo-redis.ml.svc.cluster.local:6379/0"
+    assert urls["web"] == f"redis://web:{AUTH.web}@{host}"
+    assert urls["worker"] == urls["worker-gpu1"] == f"redis://worker:{AUTH.worker}@{host}"

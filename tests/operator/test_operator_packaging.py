@@ -77,7 +77,10 @@ def test_rbac_rules_form_a_valid_cluster_role() -> None:
     assert rbac.allows("inferstack.dev", "inferenceservices/status", "patch")
     assert rbac.allows("apps", "deployments", "watch")
     assert not rbac.allows("apps", "deployments", "delete")  # children go by garbage collection
-    assert not rbac.allows("", "secrets", "get")
+    # Its own Redis auth Secret by name only: never a list, watch or delete of Secrets.
+    assert rbac.allows("", "secrets", "get")
+    assert not any(rbac.allows("", "secrets", verb) for verb in ("list", "watch", "delete", "update"))
+    assert rbac.allows("inferstack.dev", "inferenceservices/finalizers", "update")
 
 
 def test_operator_settings_are_documented() -> None:

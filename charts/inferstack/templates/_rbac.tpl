@@ -15,6 +15,11 @@ checks them against the requests the operator's code sends).
 - apiGroups: ["inferstack.dev"]
   resources: ["inferenceservices/status"]
   verbs: ["patch"]
+# Children carry an ownerReference with blockOwnerDeletion; clusters with the
+# OwnerReferencesPermissionEnforcement admission plugin require this for it.
+- apiGroups: ["inferstack.dev"]
+  resources: ["inferenceservices/finalizers"]
+  verbs: ["update"]
 # Children: get to detect drift, server-side apply (patch; create when missing) to create or update;
 # list/watch so their status changes refresh the owner's status.
 - apiGroups: ["apps"]
@@ -23,6 +28,14 @@ checks them against the requests the operator's code sends).
 # Redis and front-door Services, and the shared ConfigMap: same as above, not watched.
 - apiGroups: [""]
   resources: ["services", "configmaps"]
+  verbs: ["get", "create", "patch"]
+# The Redis auth Secret <name>-redis-auth (read back so passwords survive resyncs) and the
+# NetworkPolicies <name>-redis / <name>-web. get by name only: no list or watch of Secrets.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
   verbs: ["get", "create", "patch"]
 # Autoscalers (HPA for web, KEDA for workers) and PodMonitors: optional children, deleted again
 # when the spec stops asking for them.

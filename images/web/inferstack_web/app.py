@@ -146,10 +146,17 @@ def create_app(settings: Settings | None = None) -> Flask:
             queue.ensure_group()  # also after a Redis restart that lost the stream
             workers = queue.live_workers()
         except redis.RedisError as exc:
-            resp = jsonify(ready=False, reason=f"Redis unreachable: {exc}")
+            # The details (host names, addresses) go to the log, not to whoever asks.
+            log.warning("readyz: redis unreachable: %s", exc)
+            resp = jsonify(ready=False, reason="Redis unreachable")
             resp.status_code = 503
             return resp
         return jsonify(ready=True, workers=len(workers))
+
+    @app.before_request
+    def _metrics_port_only() -> None:
+        # With a metrics port, /metrics answers there and nowhere else, and only /metrics does.
+        metrics.check_port(settings.metrics_port, request.environ.get("SERVER_PORT"), request.path)
 
     @app.get("/metrics")
     def metrics_view() -> Response:

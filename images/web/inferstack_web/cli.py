@@ -43,6 +43,10 @@ def main() -> None:
     argv = gunicorn_argv(settings, settings.host)
     if settings.access_log:
         argv[1:1] = ["--access-logfile", settings.access_log]
+    if settings.metrics_port:
+        # /metrics on a listener of its own, off the public port (see metrics.check_port).
+        host = argv[argv.index("--bind") + 1].rpartition(":")[0]
+        argv[1:1] = ["--bind", f"{host}:{settings.metrics_port}"]
     argv[-1:-1] = sys.argv[1:]
     os.execvp(sys.executable, [sys.executable, "-m", "gunicorn", *argv[1:]])
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from werkzeug.exceptions import NotFound
 
 REQUESTS = Counter("inferstack_requests_total", "HTTP requests to /predict by status code", ["code"])
 LATENCY = Histogram(
@@ -17,6 +18,13 @@ DECODE = Histogram(
     "Time to decode and resize an upload in the web tier",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
 )
+
+
+def check_port(metrics_port: int, server_port: str | None, path: str) -> None:
+    """404 for /metrics on the public port and for anything else on the metrics port (when one
+    is set: INFERSTACK_METRICS_PORT). SERVER_PORT is the listening socket's, not the Host header's."""
+    if metrics_port and (server_port == str(metrics_port)) != (path == "/metrics"):
+        raise NotFound()
 
 
 def render(queue_depth: int | None, live_workers: int | None) -> bytes:

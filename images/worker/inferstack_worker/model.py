@@ -18,6 +18,7 @@ from PIL import Image
 
 from inferstack.config import ConfigError, Settings
 
+from .model_files import load_model_file, read_labels
 from .runtime import Plan, bucket_sizes, resolve
 
 log = logging.getLogger("inferstack.worker")
@@ -26,14 +27,6 @@ log = logging.getLogger("inferstack.worker")
 def imagenet_labels() -> list[str]:
     text = resources.files("inferstack").joinpath("data/imagenet_labels.txt").read_text()
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def read_labels(path: str) -> list[str]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return [line.rstrip("\r\n") for line in fh if line.strip()]
-    except OSError as exc:
-        raise ConfigError(f"cannot read labels file {path!r}: {exc.strerror}") from None
 
 
 def _is_file_model(spec: str) -> bool:
@@ -182,7 +175,7 @@ def load_keras_model(settings: Settings) -> tuple[Any, Callable[[Any], Any] | No
             raise ConfigError(f"INFERSTACK_MODEL points to {spec!r}, which does not exist")
         log.info("loading saved model %s", spec)
         # A saved model carries its own preprocessing (e.g. a Rescaling layer) and sees 0..255 RGB.
-        return keras.saving.load_model(spec, compile=False), None
+        return load_model_file(spec), None
     factory = getattr(keras.applications, spec, None)
     if not callable(factory):
         names = sorted(n for n in dir(keras.applications) if n[:1].isupper())
