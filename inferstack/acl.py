@@ -21,7 +21,8 @@ WORKER = "worker"
 KEDA = "keda"
 HEALTH = "health"
 
-_SCRIPTS = ("evalsha", "eval", "script|load", "time")
+# SCRIPT EXISTS: redis-py checks a pipeline's scripts before EXEC (the worker trims in its MULTI).
+_SCRIPTS = ("evalsha", "eval", "script|load", "script|exists", "time")
 
 # The web tier: enqueue (script: XLEN, XADD, PUBLISH), wait for the reply (BLPOP), read the
 # queue depth, the model info and the live workers (script: ZREMRANGEBYSCORE, ZRANGE). INFO:

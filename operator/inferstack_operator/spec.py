@@ -336,11 +336,6 @@ def _web_ingress(spec: Mapping[str, Any]) -> tuple[Mapping[str, Any], ...] | Non
     return tuple(dict(p) for p in peers)
 
 
-def _autoscaling_on(worker: Mapping[str, Any]) -> bool:
-    section = worker.get("autoscaling")
-    return isinstance(section, Mapping) and section.get("enabled", True) is not False
-
-
 def check_images(r: Resolved, allowed_prefixes: tuple[str, ...]) -> None:
     """With an operator allowlist, every spec.*.image must start with one of its prefixes."""
     if not allowed_prefixes:
@@ -428,7 +423,7 @@ def resolve(name: str, namespace: str, spec: Mapping[str, Any] | None,
         worker=worker_options,
         redis=_pod_options(redis, "spec.redis", image=False),  # the operator's Redis image only
         web_ingress_from=_web_ingress(spec),
-        keda_reaches_redis=_autoscaling_on(worker),
+        keda_reaches_redis=worker.get("autoscaling") is not None,
         worker_autoscaling=_worker_autoscaling(worker, _int(worker, "batchSize", "spec.worker", 32, 1, 1024)),
         web_autoscaling=_web_autoscaling(web),
         monitoring=_monitoring(spec),

@@ -130,7 +130,7 @@ def test_autoscaling_admits_kedas_namespace(settings: OperatorSettings, namespac
     redis_pod = pod_labels(objs, "StatefulSet/demo-redis")
     assert admits(policy, target=redis_pod, source={"app": "keda-operator"}, source_namespace=namespace, port=6379)
     assert not admits(policy, target=redis_pod, source={}, source_namespace="default", port=6379)
-    off = build({"worker": {"autoscaling": {"enabled": False}}}, settings=settings)["NetworkPolicy/demo-redis"]
+    off = build({"worker": {"replicas": 2}}, settings=settings)["NetworkPolicy/demo-redis"]
     assert not admits(off, target=redis_pod, source={}, source_namespace=namespace, port=6379)
 
 
