@@ -125,13 +125,7 @@ def test_queue_full_503_and_timeout_504_without_workers(make_stack, digits_model
                        INFERSTACK_WEB_PROCESSES="1"),
         wait=False,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(stack.url + "/healthz", timeout=1).status_code == 200:
-                break
-        except requests.RequestException:  # refused, or accepted but not yet served
-            time.sleep(0.1)
+    stack.wait_ready(timeout_s=60, workers=0)  # web and Redis up; no worker needed
     # No worker, still ready: requests queue (and would start a worker under KEDA).
     assert requests.get(stack.url + "/readyz", timeout=5).json() == {"ready": True, "workers": 0}
     upload = png_bytes(digits_model["x_test"][0])
@@ -166,13 +160,7 @@ def test_requests_queued_before_any_worker_are_served(make_stack, digits_model):
         env=digits_env(digits_model, INFERSTACK_REQUEST_TIMEOUT_S="90", INFERSTACK_WEB_PROCESSES="1"),
         wait=False,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            requests.get(stack.url + "/healthz", timeout=1)
-            break
-        except requests.RequestException:  # refused, or accepted but not yet served
-            time.sleep(0.1)
+    stack.wait_ready(timeout_s=60, workers=0)  # web and Redis up; no worker needed
     uploads = [png_bytes(img) for img in digits_model["x_test"][:6]]
     with ThreadPoolExecutor(6) as pool:
         # Generous timeouts: the worker's start (TensorFlow import, model load) is slow on a busy CPU.

@@ -263,13 +263,7 @@ def test_v2_queue_full_503_timeout_504_and_model_not_ready_without_workers(make_
                        INFERSTACK_WEB_PROCESSES="1"),
         wait=False,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(stack.url + "/healthz", timeout=1).status_code == 200:
-                break
-        except (requests.ConnectionError, requests.Timeout):  # gunicorn accepts before its workers boot
-            time.sleep(0.1)
+    stack.wait_ready(timeout_s=60, workers=0)  # web and Redis up; no worker needed
     assert requests.get(stack.url + "/v2/health/ready", timeout=5).status_code == 200  # can queue work
     not_ready = requests.get(f"{stack.url}/v2/models/{MODEL}/ready", timeout=5)
     assert not_ready.status_code == 503 and list(not_ready.json()) == ["error"]

@@ -33,16 +33,7 @@ def test_locust_smoke_zero_failures(make_stack, digits_model, tmp_path):
 def test_locust_gate_fails_when_requests_fail(make_stack, digits_model, tmp_path):
     # No worker and a 1 s timeout: every request gets a 504, and the run must exit non-zero.
     stack = make_stack(workers=0, env=digits_env(digits_model, INFERSTACK_REQUEST_TIMEOUT_S="1"), wait=False)
-    import time
-
-    import requests
-
-    for _ in range(100):
-        try:
-            requests.get(stack.url + "/healthz", timeout=1)
-            break
-        except requests.RequestException:  # refused, or accepted before a web process is up
-            time.sleep(0.1)
+    stack.wait_ready(timeout_s=60, workers=0)  # web and Redis up; no worker needed
     code = run_locust(stack.url, tmp_path, 4, "--max-fail-ratio", "0")
     assert int(totals(tmp_path)["Failure Count"]) > 0
     assert code == 1

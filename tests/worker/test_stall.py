@@ -41,14 +41,7 @@ def test_hung_model_call_gives_its_batch_to_another_worker_and_exits(make_stack,
     )
     stack = make_stack(workers=0, env=env, wait=False)
     r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            requests.get(stack.url + "/healthz", timeout=1)
-            break
-        except requests.RequestException:  # refused, or accepted but not yet served
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+    stack.wait_ready(timeout_s=60, workers=0)  # web and Redis up; no worker needed
     innocents = [png_bytes(img) for img in digits_model["x_test"][:3]]
     hanger = png_bytes(np.full((32, 32, 3), 7, np.uint8))
     # Queued in this order before any worker runs, so the first worker takes all four as one batch.
