@@ -122,3 +122,18 @@ def stack_log(stack: LocalStack) -> str:
         out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}")
     return "\n".join(out)
 
+
+@pytest.fixture(scope="module")
+def in_process(digits_model) -> Callable[[bytes], np.ndarray]:
+    """The digits model's saved file called directly: what a served answer must equal."""
+    import keras
+
+    from inferstack.imaging import decode_image
+
+    model = keras.saving.load_model(digits_model["path"], compile=False)
+
+    def predict(upload: bytes) -> np.ndarray:
+        x = decode_image(upload, (DIGIT_SIZE, DIGIT_SIZE)).astype(np.float32)[None]
+        return np.asarray(model(x, training=False))[0]
+
+    return predict

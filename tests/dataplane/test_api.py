@@ -11,9 +11,8 @@ import pytest
 import requests
 from PIL import Image
 
-from inferstack.imaging import decode_image
 
-from tests.conftest import DIGIT_LABELS, DIGIT_SIZE, digits_env, jpeg_bytes, png_bytes
+from tests.conftest import DIGIT_LABELS, digits_env, jpeg_bytes, png_bytes
 
 MAX_BYTES = 300_000
 MAX_PIXELS = 4_000_000
@@ -31,20 +30,6 @@ def stack(make_stack, digits_model):
             INFERSTACK_BATCH_SIZE="16",
         ),
     )
-
-
-@pytest.fixture(scope="module")
-def in_process(digits_model):
-    """The same saved model file, called directly."""
-    import keras
-
-    model = keras.saving.load_model(digits_model["path"], compile=False)
-
-    def predict(upload: bytes) -> np.ndarray:
-        x = decode_image(upload, (DIGIT_SIZE, DIGIT_SIZE)).astype(np.float32)[None]
-        return np.asarray(model(x, training=False))[0]
-
-    return predict
 
 
 def post(stack, data: bytes, name: str = "digit.png", **params) -> requests.Response:

@@ -40,19 +40,6 @@ def triton(stack):
 
 
 @pytest.fixture(scope="module")
-def in_process(digits_model):
-    import keras
-
-    model = keras.saving.load_model(digits_model["path"], compile=False)
-
-    def predict(upload: bytes) -> np.ndarray:
-        x = decode_image(upload, (DIGIT_SIZE, DIGIT_SIZE)).astype(np.float32)[None]
-        return np.asarray(model(x, training=False))[0]
-
-    return predict
-
-
-@pytest.fixture(scope="module")
 def uploads(digits_model) -> list[bytes]:
     return [png_bytes(digits_model["x_test"][0]), jpeg_bytes(digits_model["x_test"][1], quality=95)]
 
