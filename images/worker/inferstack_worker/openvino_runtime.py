@@ -37,7 +37,9 @@ def convert(model: Any, preprocess: Callable[[Any], Any] | None, input_shape: tu
         return model(x, training=False)
 
     fn = tf.function(forward, input_signature=[tf.TensorSpec([None, h, w, c], tf.float32)])
-    return ov.convert_model(fn)
+    # Copy the weights: shared ones point into TensorFlow buffers that are freed (and reused) once
+    # the Keras model is garbage-collected, silently changing the served model.
+    return ov.convert_model(fn, share_weights=False)
 
 
 def calibration_images(folder: str, prepare: Callable[[np.ndarray], np.ndarray],
