@@ -11,13 +11,14 @@ PYTEST_ARGS ?=
 
 # Component fragments (operator, chart, load test) add targets and prerequisites.
 -include mk/*.mk
-.PHONY: help venv redis run test test-fast loadtest bench lint images chart clean
+.PHONY: help venv redis java run test test-fast loadtest bench lint images chart clean
 
 help:
 	@echo "make run        redis + $(WORKERS) worker(s) + gunicorn on http://127.0.0.1:5000 (WORKERS=N)"
 	@echo "make test       the pytest suite (real redis-server, gunicorn, workers)"
 	@echo "make loadtest   locust, headless, against the local stack (or HOST=...)"
 	@echo "make bench      served vs raw throughput and latency, JSON + PNG under bench/results/"
+	@echo "make bench-batch  inferstack batch (Spark) vs raw model vs inferstack classify, JSON under bench/results/"
 	@echo "make lint       hadolint on the Dockerfiles, helm lint on the chart"
 	@echo "make images     docker build of web, worker (CPU, GPU) and operator images"
 	@echo "make chart      sync the CRD into the chart and package it"
@@ -37,10 +38,17 @@ redis:
 		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
+# PySpark (`inferstack batch` and its tests) needs a Java 17+ runtime; Debian's default JRE is one.
+java:
+	@command -v java >/dev/null 2>&1 || { \
+		echo "installing a Java runtime from Debian (for PySpark)"; \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null; }
+
 run: venv redis
 	$(BIN)/python -m tools.devstack --workers $(WORKERS)
 
-test: venv redis $(HELM_VENV_STAMP)
+test: venv redis java $(HELM_VENV_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 loadtest: venv redis
@@ -48,6 +56,9 @@ loadtest: venv redis
 
 bench: venv redis
 	$(BIN)/python bench/bench.py
+
+bench-batch: venv redis java
+	$(BIN)/python bench/batch.py
 
 clean:
 	rm -rf $(VENV) .venv-helm .pytest_cache build *.egg-info

@@ -241,9 +241,23 @@ def _record(finished: set[Future[dict[str, Any]]], sink: IO[str], summary: Summa
         bar.update(1)
 
 
+def _batch(argv: list[str]) -> None:
+    """`inferstack batch`: Spark lives in inferstack_offline, imported only when asked for."""
+    try:
+        from inferstack_offline.batch import main as batch_main
+    except ImportError as exc:
+        sys.exit(f"inferstack batch needs PySpark and the worker ({exc}): pip install 'inferstack[spark]'")
+    batch_main(argv)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["batch"]:
+        return _batch(argv[1:])
     parser = argparse.ArgumentParser(prog="inferstack", description="Clients for an inferstack service.")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("batch", add_help=False, help="classify a whole data set on Spark into Parquet or JSON Lines "
+                   "(see inferstack batch --help)")
     c = sub.add_parser("classify", help="classify image files and folders through /predict, as JSON Lines")
     c.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders to walk for images")
     c.add_argument("--url", default=os.environ.get("INFERSTACK_URL", "http://127.0.0.1:5000"),

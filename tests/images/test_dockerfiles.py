@@ -21,9 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 WEB = REPO / "images/web/Dockerfile"
 WORKER = REPO / "images/worker/Dockerfile"
 WORKER_GPU = REPO / "images/worker/Dockerfile.gpu"
+WORKER_SPARK = REPO / "images/worker/Dockerfile.spark"
 OPERATOR = REPO / "operator/Dockerfile"
-ALL = [WEB, WORKER, WORKER_GPU, OPERATOR]
-OURS = [WEB, WORKER, WORKER_GPU]
+ALL = [WEB, WORKER, WORKER_GPU, WORKER_SPARK, OPERATOR]
+OURS = [WEB, WORKER, WORKER_GPU, WORKER_SPARK]
 WEIGHTS_FILE = "models/resnet50_weights_tf_dim_ordering_tf_kernels.h5"
 
 
@@ -148,11 +149,15 @@ def test_web_image() -> None:
     assert ("CMD", '["inferstack-web"]') in ops
 
 
-@pytest.mark.parametrize("dockerfile", [WORKER, WORKER_GPU], ids=ids([WORKER, WORKER_GPU]))
+WORKERS = [WORKER, WORKER_GPU, WORKER_SPARK]
+
+
+@pytest.mark.parametrize("dockerfile", WORKERS, ids=ids(WORKERS))
 def test_worker_image_bakes_weights_where_it_loads_them(dockerfile: Path) -> None:
     ops = final(dockerfile)
     env = env_of(ops)
-    assert ("CMD", '["inferstack-worker"]') in ops
+    if dockerfile != WORKER_SPARK:
+        assert ("CMD", '["inferstack-worker"]') in ops
     assert env["KERAS_BACKEND"] == "tensorflow"
     (weights,) = [s for s in stages(dockerfile) if s[0][1].split()[-1] == "weights"]
     bake = " ".join(args for op, args in weights if op == "RUN")
@@ -209,6 +214,23 @@ def test_gpu_worker_requirements(tmp_path: Path) -> None:
     assert names(reqs) == (names(worker) - {"tensorflow-cpu"}) | {"tensorflow"}
 
 
+def test_spark_worker_requirements_and_entry_point(tmp_path: Path) -> None:
+    """The worker's requirements plus PySpark; Spark on Kubernetes finds its entry point and JRE."""
+    reqs = requirements_from(WORKER_SPARK, tmp_path)
+    worker = [Requirement(r) for r in project()["dependencies"] + project()["optional-dependencies"]["worker"]]
+    assert names(reqs) == names(worker) | {"pyspark"}
+    ops = final(WORKER_SPARK)
+    env = env_of(ops)
+    assert ("ENTRYPOINT", '["/opt/entrypoint.sh"]') in ops
+    assert env["SPARK_HOME"].endswith("/site-packages/pyspark") and env["JAVA_HOME"] == "/opt/java/openjdk"
+    assert ("COPY", "--from=jre /opt/java/openjdk /opt/java/openjdk") in ops
+    entry = REPO / "images/worker/spark-entrypoint.sh"
+    subprocess.run(["bash", "-n", str(entry)], check=True, timeout=30)
+    assert os.access(entry, os.X_OK)
+    # The same Python the driver runs, so the column functions unpickle on the executors.
+    assert env["PYSPARK_PYTHON"] == env["PYSPARK_DRIVER_PYTHON"] == "/opt/venv/bin/python"
+
+
 def dockerignore_patterns() -> list[str]:
     lines = (REPO / ".dockerignore").read_text().splitlines()
     return [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
@@ -258,7 +280,7 @@ def test_wheel_builds_from_the_docker_context(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (wheel,) = (tmp_path / "w").glob("inferstack-*.whl")
     members = zipfile.ZipFile(wheel).namelist()
-    for package in ("inferstack", "inferstack_web", "inferstack_worker", "inferstack_operator"):
+    for package in ("inferstack", "inferstack_web", "inferstack_worker", "inferstack_operator", "inferstack_offline"):
         assert f"{package}/__init__.py" in members
     assert "inferstack/data/imagenet_labels.txt" in members
     assert "inferstack_operator/crd.yaml" in members

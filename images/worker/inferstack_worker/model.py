@@ -197,30 +197,58 @@ def load_keras_model(settings: Settings) -> tuple[Any, Callable[[Any], Any] | No
     return model, getattr(sys.modules[factory.__module__], "preprocess_input", None)
 
 
-def _keras_classifier(settings: Settings, plan: Plan) -> Classifier:
+# Layers whose output is the pooled image representation the classifier head reads.
+_POOLING = ("GlobalAveragePooling2D", "GlobalMaxPooling2D", "Flatten")
+
+
+def feature_model(model: Any) -> Any:
+    """The model cut before its classifier head: (batch, features), the pooled representation.
+
+    That is the output of the last global pooling (or Flatten) layer, else the input of the last
+    Dense layer (a transfer model whose backbone pools itself); flattened if it is not 2-D."""
+    import keras
+
+    pooled = next((layer.output for layer in reversed(model.layers) if type(layer).__name__ in _POOLING), None)
+    if pooled is None:
+        dense = next((layer for layer in reversed(model.layers) if isinstance(layer, keras.layers.Dense)), None)
+        if dense is None:
+            raise ConfigError("the model has no pooling, Flatten or Dense layer to take features before")
+        pooled = dense.input
+    if len(pooled.shape) != 2:
+        pooled = keras.layers.Flatten()(pooled)
+    return keras.Model(model.inputs, pooled, name=f"{model.name}_features")
+
+
+def _keras_classifier(settings: Settings, plan: Plan, features: bool = False) -> Classifier:
     from . import keras_runtime
 
     model, preprocess = load_keras_model(settings)
     name = _model_name(settings.model)
     shape = _input_shape(name, model.input_shape)
-    labels = _labels(settings, name, int(np.prod(model.output_shape[1:])))
+    labels = [] if features else _labels(settings, name, int(np.prod(model.output_shape[1:])))
+    if features:
+        model = feature_model(model)
     model = keras_runtime.with_precision(model, plan.precision)
     call, pad = keras_runtime.compile_call(model, preprocess, shape, xla=plan.xla)
     return Classifier(name, labels, shape, call, buckets=bucket_sizes(settings.batch_size) if pad else None,
                       runtime="keras", precision=plan.precision)
 
 
-def _openvino_classifier(settings: Settings, plan: Plan) -> Classifier:
+def _openvino_classifier(settings: Settings, plan: Plan, features: bool = False) -> Classifier:
     from . import openvino_runtime as ovr
 
     name = _model_name(settings.model)
     key = ovr.cache_key(settings, plan.precision, _is_file_model(settings.model))
+    if key and features:
+        key += "-features"
     ov_model = ovr.read_cached(settings.cache_dir, key)
     if ov_model is None:
         model, preprocess = load_keras_model(settings)
         shape = _input_shape(name, model.input_shape)
-        if settings.labels:  # a wrong labels file is refused before a long conversion
+        if settings.labels and not features:  # a wrong labels file is refused before a long conversion
             _labels(settings, name, int(np.prod(model.output_shape[1:])))
+        if features:
+            model = feature_model(model)
         log.info("converting %s to OpenVINO", name)
         ov_model = ovr.convert(model, preprocess, shape)
         if plan.precision == "int8":
@@ -228,16 +256,19 @@ def _openvino_classifier(settings: Settings, plan: Plan) -> Classifier:
             ov_model = ovr.quantize(ov_model, images)
         ovr.write_cached(ov_model, settings.cache_dir, key)
     shape = ovr.input_shape_of(ov_model)
-    labels = _labels(settings, name, ovr.classes_of(ov_model))
+    labels = [] if features else _labels(settings, name, ovr.classes_of(ov_model))
     call, effective = ovr.compile_call(ov_model, plan.precision, settings.cache_dir)
     return Classifier(name, labels, shape, call, runtime="openvino", precision=effective)
 
 
-def load_classifier(settings: Settings) -> Classifier:
-    """The model of INFERSTACK_MODEL on the runtime and precision of INFERSTACK_RUNTIME/PRECISION."""
+def load_classifier(settings: Settings, features: bool = False) -> Classifier:
+    """The model of INFERSTACK_MODEL on the runtime and precision of INFERSTACK_RUNTIME/PRECISION.
+
+    features=True: the same model cut before its classifier head (see feature_model); predict()
+    then returns embeddings and there are no labels."""
     _configure_gpus()
     plan = resolve(settings)
     log.info("runtime %s, precision %s%s", plan.runtime, plan.precision, ", XLA" if plan.xla else "")
     if plan.runtime == "openvino":
-        return _openvino_classifier(settings, plan)
-    return _keras_classifier(settings, plan)
+        return _openvino_classifier(settings, plan, features)
+    return _keras_classifier(settings, plan, features)

@@ -1,0 +1,182 @@
+"""`inferstack batch INPUT --out OUT`: the served model over a whole data set, on Spark.
+
+INPUT: a folder or glob of image files, or a Parquet / JSON Lines table with a `path` column or
+a binary `content` column. OUT: Parquet (a folder of parts) or JSON Lines (`.jsonl`) with one row
+per input, in input order: `path`, `predictions` (list of {label, probability}), `error` (null
+when fine). Each finished partition is written whole, so a re-run skips what is already in OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from inferstack.config import ConfigError, Settings
+
+from .batch_io import ROW_KEY_PREFIX, InputError, Output, is_table, list_images, result_schema, write_part
+
+# Rows per partition by default: a few model batches, so progress and resumption are fine-grained.
+BATCHES_PER_PARTITION = 8
+SUMMARY_SCHEMA = "part string, rows long, errors long"
+
+
+@dataclass
+class Summary:
+    written: int = 0
+    errors: int = 0
+    skipped: int = 0  # already in OUT
+    parts: int = 0
+
+
+def default_partitions(rows: int, batch_size: int, parallelism: int) -> int:
+    return max(1, min(rows, max(parallelism, math.ceil(rows / (batch_size * BATCHES_PER_PARTITION)))))
+
+
+def _file_rows(spark: Any, spec: str, done: set[str], partitions: int | None, batch_size: int) -> tuple[Any, int]:
+    """(idx, path, item) for image files not yet done; item is the absolute path executors read."""
+    paths = list_images(spec)
+    todo = [(i, p, os.path.abspath(p)) for i, p in enumerate(paths) if p not in done]
+    n = partitions or default_partitions(len(todo), batch_size, spark.sparkContext.defaultParallelism)
+    # parallelize slices the list in order: partition k holds a contiguous run of rows.
+    rdd = spark.sparkContext.parallelize(todo, max(1, min(n, len(todo))))
+    return spark.createDataFrame(rdd, "idx long, path string, item string"), len(paths) - len(todo)
+
+
+def _table_rows(spark: Any, spec: str, done: set[str], partitions: int | None, batch_size: int) -> tuple[Any, int]:
+    """(idx, path, item) for a table's rows not yet done; idx is the row's position in the table."""
+    from pyspark.sql import functions as F
+
+    lower = spec.lower().rstrip("/")
+    df = spark.read.json(spec) if lower.endswith((".jsonl", ".json")) else spark.read.parquet(spec)
+    types = dict(df.dtypes)
+    if types.get("content") == "binary":
+        item = F.col("content")
+    elif types.get("content") == "string":
+        item = F.unbase64("content")  # JSON Lines carry bytes as base64
+    elif types.get("path") == "string":
+        item = F.col("path")
+    else:
+        raise InputError(f"table {spec!r} has no binary `content` or string `path` column (columns: {df.columns})")
+    idx = _row_positions(df)
+    key = F.col("path") if types.get("path") == "string" else F.concat(F.lit(ROW_KEY_PREFIX), idx.cast("string"))
+    rows = df.select(idx.alias("idx"), key.alias("path"), item.alias("item"))
+    total = rows.count()
+    if done:
+        rows = rows.join(spark.createDataFrame([(k,) for k in done], "path string"), "path", "left_anti")
+    n = partitions or default_partitions(total - len(done), batch_size, spark.sparkContext.defaultParallelism)
+    return rows.repartitionByRange(max(1, n), "idx").sortWithinPartitions("idx"), len(done)
+
+
+def _row_positions(df: Any) -> Any:
+    """Each row's position in the table (0, 1, 2, ...), from per-partition counts: no shuffle."""
+    from pyspark.sql import functions as F
+
+    counts = dict(df.groupBy(F.spark_partition_id().alias("p")).count().collect())
+    offsets, total = {}, 0
+    for p in sorted(counts):
+        offsets[p], total = total, total + counts[p]
+    offset = F.lit(0)
+    for p, start in offsets.items():
+        offset = F.when(F.spark_partition_id() == p, F.lit(start)).otherwise(offset)
+    # monotonically_increasing_id is (partition << 33) + position within the partition.
+    return offset + F.monotonically_increasing_id() - F.shiftleft(F.spark_partition_id().cast("long"), 33)
+
+
+def part_writer(folder: str, run_id: str) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """mapInArrow function: write the partition's rows as one part file, yield its summary."""
+
+    def write(batches: Iterator[Any]) -> Iterator[Any]:
+        import pyarrow as pa
+
+        batches = [b for b in batches if b.num_rows]
+        if not batches:
+            return
+        first = batches[0].column(batches[0].schema.get_field_index("idx"))[0].as_py()
+        table = pa.Table.from_batches(batches).select(["path", "predictions", "error"])
+        name, rows, errors = write_part(folder, first, run_id, table.cast(result_schema()).to_batches())
+        print(f"inferstack batch: {name}: {rows} rows, {errors} errors", file=sys.stderr, flush=True)
+        yield pa.RecordBatch.from_pydict({"part": [name], "rows": [rows], "errors": [errors]})
+
+    return write
+
+
+def run(
+    spec: str,
+    out: str,
+    master: str | None = None,
+    batch_size: int | None = None,
+    partitions: int | None = None,
+    top_k: int = 5,
+    settings: Settings | None = None,
+    decode_threads: int | None = None,
+    spark: Any = None,
+) -> Summary:
+    """Classify every image of INPUT into OUT, skipping rows already there."""
+    from .spark import classify_column, session
+
+    settings = settings or Settings.from_env()
+    batch_size = batch_size or settings.batch_size
+    output = Output(Path(out))
+    output.prepare()
+    done = output.done_keys()
+    spark = spark or session(master, batch_size)
+    rows, skipped = (_table_rows if is_table(spec) else _file_rows)(spark, spec, done, partitions, batch_size)
+    classify = classify_column(top_k, batch_size, settings, decode_threads)
+    result = rows.select("idx", "path", classify("item").alias("r")).select("idx", "path", "r.predictions", "r.error")
+    summary = Summary(skipped=skipped)
+    for part, written, errors in result.mapInArrow(part_writer(str(output.parts), uuid.uuid4().hex[:8]),
+                                                   SUMMARY_SCHEMA).collect():
+        summary.parts += 1
+        summary.written += written
+        summary.errors += errors
+    output.finish()
+    return summary
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="inferstack batch", description=__doc__.split("\n\n")[0])
+    p.add_argument("input", metavar="INPUT", help="folder or glob of images, or a Parquet / JSON Lines table")
+    p.add_argument("--out", required=True, help="Parquet folder, or a .jsonl file; a re-run skips rows in it")
+    p.add_argument("--master", default=os.environ.get("SPARK_MASTER"),
+                   help="local[*], spark://host:7077, k8s://https://... (default: $SPARK_MASTER, else local[*])")
+    p.add_argument("--batch-size", type=int, help="images per model call (default: $INFERSTACK_BATCH_SIZE or 32)")
+    p.add_argument("--partitions", type=int, help=f"Spark partitions (default: {BATCHES_PER_PARTITION} batches each)")
+    p.add_argument("--top-k", type=int, default=5, help="predictions per image (1..1000, default 5)")
+    p.add_argument("--decode-threads", type=int, help="decoding threads per Python worker (default: up to 4)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 1 <= args.top_k <= 1000:
+        parser.error("--top-k must be between 1 and 1000")
+    for name in ("batch_size", "partitions", "decode_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    t0 = time.monotonic()
+    try:
+        # No --master: spark-submit's (k8s://... in a SparkApplication), else PySpark's local[*].
+        summary = run(args.input, args.out, args.master, args.batch_size, args.partitions,
+                      args.top_k, decode_threads=args.decode_threads)
+    except (ConfigError, InputError) as exc:
+        sys.exit(f"inferstack batch: {exc}")
+    except KeyboardInterrupt:
+        sys.exit("inferstack batch: interrupted; re-run the same command to resume")
+    elapsed = time.monotonic() - t0
+    rate = summary.written / elapsed if elapsed > 0 else 0.0
+    print(f"inferstack batch: {summary.written} rows written ({summary.errors} with an error) in {summary.parts} "
+          f"part(s), {summary.skipped} already in {args.out}; {elapsed:.1f} s ({rate:.1f} images/s)",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
