@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 from inferstack.config import ConfigError, Settings
 
 from .batch_io import ROW_KEY_PREFIX, InputError, Output, is_table, list_images, result_schema, write_part
+from .batch_model import shared_model
 
 # Rows per partition by default: a few model batches, so progress and resumption are fine-grained.
 BATCHES_PER_PARTITION = 8
@@ -89,22 +90,40 @@ def _row_positions(df: Any) -> Any:
     return offset + F.monotonically_increasing_id() - F.shiftleft(F.spark_partition_id().cast("long"), 33)
 
 
-def part_writer(folder: str, run_id: str) -> Callable[[Iterator[Any]], Iterator[Any]]:
-    """mapInArrow function: write the partition's rows as one part file, yield its summary."""
+def _chunks(batches: Iterator[Any], size: int, keys: list[str], first: list[int]) -> Iterator[list[Any]]:
+    """The partition's items in model batches; their keys and first row index collected on the way."""
+    for batch in batches:
+        columns = batch.to_pydict()
+        if not first and columns["idx"]:
+            first.append(columns["idx"][0])
+        keys += columns["path"]
+        items = columns["item"]
+        for i in range(0, len(items), size):
+            yield items[i:i + size]
 
-    def write(batches: Iterator[Any]) -> Iterator[Any]:
+
+def part_job(folder: str, run_id: str, settings: Settings, batch_size: int, top_k: int,
+             decode_threads: int | None) -> Callable[[Iterator[Any]], Iterator[Any]]:
+    """mapInArrow function: classify the partition's rows (decoding the next model batch while
+    this one runs), write them as one part file, yield its summary. One Python stage per task,
+    so a reused Python worker always holds the model (shared_model)."""
+
+    def job(batches: Iterator[Any]) -> Iterator[Any]:
         import pyarrow as pa
 
-        batches = [b for b in batches if b.num_rows]
-        if not batches:
+        model = shared_model(settings, False, decode_threads)
+        keys: list[str] = []
+        first: list[int] = []
+        rows = [row for chunk in model.run_many(_chunks(batches, batch_size, keys, first), top_k) for row in chunk]
+        if not rows:
             return
-        first = batches[0].column(batches[0].schema.get_field_index("idx"))[0].as_py()
-        table = pa.Table.from_batches(batches).select(["path", "predictions", "error"])
-        name, rows, errors = write_part(folder, first, run_id, table.cast(result_schema()).to_batches())
-        print(f"inferstack batch: {name}: {rows} rows, {errors} errors", file=sys.stderr, flush=True)
-        yield pa.RecordBatch.from_pydict({"part": [name], "rows": [rows], "errors": [errors]})
+        table = pa.table({"path": keys, "predictions": [r.predictions for r in rows],
+                          "error": [r.error for r in rows]}, schema=result_schema())
+        name, written, errors = write_part(folder, first[0], run_id, table.to_batches())
+        print(f"inferstack batch: {name}: {written} rows, {errors} errors", file=sys.stderr, flush=True)
+        yield pa.RecordBatch.from_pydict({"part": [name], "rows": [written], "errors": [errors]})
 
-    return write
+    return job
 
 
 def run(
@@ -119,7 +138,7 @@ def run(
     spark: Any = None,
 ) -> Summary:
     """Classify every image of INPUT into OUT, skipping rows already there."""
-    from .spark import classify_column, session
+    from .spark import session
 
     settings = settings or Settings.from_env()
     batch_size = batch_size or settings.batch_size
@@ -128,11 +147,9 @@ def run(
     done = output.done_keys()
     spark = spark or session(master, batch_size)
     rows, skipped = (_table_rows if is_table(spec) else _file_rows)(spark, spec, done, partitions, batch_size)
-    classify = classify_column(top_k, batch_size, settings, decode_threads)
-    result = rows.select("idx", "path", classify("item").alias("r")).select("idx", "path", "r.predictions", "r.error")
+    job = part_job(str(output.parts), uuid.uuid4().hex[:8], settings, batch_size, top_k, decode_threads)
     summary = Summary(skipped=skipped)
-    for part, written, errors in result.mapInArrow(part_writer(str(output.parts), uuid.uuid4().hex[:8]),
-                                                   SUMMARY_SCHEMA).collect():
+    for part, written, errors in rows.mapInArrow(job, SUMMARY_SCHEMA).collect():
         summary.parts += 1
         summary.written += written
         summary.errors += errors

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import sys
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -86,7 +88,20 @@ class BatchModel:
 
     def run(self, items: Sequence[Item], top_k: int = 5) -> list[Row]:
         """Every row's answer, in order: decode (threads), one model call for the good ones."""
-        decoded = self.decode_all(items)
+        return self._answer(self.decode_all(items), top_k)
+
+    def run_many(self, chunks: Iterable[Sequence[Item]], top_k: int = 5) -> Iterator[list[Row]]:
+        """run() per chunk, pipelined: the next chunk decodes on the threads while this one is inferred."""
+        pending: list[Future[np.ndarray | str]] | None = None
+        for chunk in chunks:
+            submitted = [self._pool.submit(self._decode_or_error, item) for item in chunk]
+            if pending is not None:
+                yield self._answer([f.result() for f in pending], top_k)
+            pending = submitted
+        if pending is not None:
+            yield self._answer([f.result() for f in pending], top_k)
+
+    def _answer(self, decoded: list[np.ndarray | str], top_k: int) -> list[Row]:
         rows = [Row(error=d) if isinstance(d, str) else None for d in decoded]
         good = [i for i, d in enumerate(decoded) if not isinstance(d, str)]
         if good:
@@ -108,3 +123,19 @@ class BatchModel:
         if self.features:
             return [Row(embedding=vector) for vector in out]
         return [Row(predictions=clf.top_k(probs, top_k)) for probs in out]
+
+
+_MODELS: dict[tuple[Settings, bool, int | None], BatchModel] = {}
+
+
+def shared_model(settings: Settings, features: bool = False, decode_threads: int | None = None) -> BatchModel:
+    """One BatchModel per process and configuration: a reused Spark Python worker loads it once."""
+    key = (settings, features, decode_threads)
+    if key not in _MODELS:
+        t0 = time.monotonic()
+        model = BatchModel(settings, features=features, decode_threads=decode_threads)
+        clf = model.classifier
+        print(f"inferstack batch: Python worker {os.getpid()} loaded {clf.name}{' features' if features else ''} "
+              f"({clf.runtime}, {clf.precision}) in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+        _MODELS[key] = model
+    return _MODELS[key]

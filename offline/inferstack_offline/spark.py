@@ -29,7 +29,7 @@ from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, Str
 
 from inferstack.config import Settings
 
-from .batch_model import BatchModel, Row
+from .batch_model import Row, shared_model
 
 PREDICTIONS = ArrayType(StructType([StructField("label", StringType()), StructField("probability", FloatType())]))
 EMBEDDING = ArrayType(FloatType())
@@ -44,7 +44,7 @@ def _make_predict(settings: Settings, top_k: int, features: bool,
                   decode_threads: int | None) -> Callable[[], Callable[[np.ndarray], list[dict[str, Any]]]]:
     def make_predict_fn() -> Callable[[np.ndarray], list[dict[str, Any]]]:
         # Runs once per Python worker (predict_batch_udf caches it): the model load happens here.
-        model = BatchModel(settings, features=features, decode_threads=decode_threads)
+        model = shared_model(settings, features, decode_threads)
 
         def predict(items: np.ndarray) -> list[dict[str, Any]]:
             return [_raw(row, features) for row in model.run(list(items), top_k)]
