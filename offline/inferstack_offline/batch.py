@@ -80,14 +80,14 @@ def _row_positions(df: Any) -> Any:
     from pyspark.sql import functions as F
 
     counts = dict(df.groupBy(F.spark_partition_id().alias("p")).count().collect())
-    offsets, total = {}, 0
-    for p in sorted(counts):
-        offsets[p], total = total, total + counts[p]
-    offset = F.lit(0)
-    for p, start in offsets.items():
-        offset = F.when(F.spark_partition_id() == p, F.lit(start)).otherwise(offset)
+    offsets, total = [], 0
+    for p in range(max(counts, default=-1) + 1):
+        offsets.append(total)
+        total += counts.get(p, 0)
+    partition = F.spark_partition_id()
+    offset = F.element_at(F.array(*[F.lit(o).cast("long") for o in offsets or [0]]), partition + 1)
     # monotonically_increasing_id is (partition << 33) + position within the partition.
-    return offset + F.monotonically_increasing_id() - F.shiftleft(F.spark_partition_id().cast("long"), 33)
+    return offset + F.monotonically_increasing_id() - F.shiftleft(partition.cast("long"), 33)
 
 
 def _chunks(batches: Iterator[Any], size: int, keys: list[str], first: list[int]) -> Iterator[list[Any]]:

@@ -37,7 +37,7 @@ EMBEDDING = ArrayType(FloatType())
 _CLASSIFY_RAW = StructType([StructField("predictions", PREDICTIONS), StructField("error", StringType())])
 _EMBED_RAW = StructType([StructField("embedding", EMBEDDING), StructField("error", StringType())])
 # Rows per Arrow batch handed to a Python worker: a few model batches' worth of encoded files.
-ARROW_BATCHES_PER_MODEL_BATCH = 2
+MODEL_BATCHES_PER_ARROW_BATCH = 2
 
 
 def _make_predict(settings: Settings, top_k: int, features: bool,
@@ -115,7 +115,7 @@ def session(master: str | None = None, batch_size: int = 32, app_name: str = "in
     if master:
         builder = builder.master(master)
     settings = {
-        "spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size * ARROW_BATCHES_PER_MODEL_BATCH),
+        "spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size * MODEL_BATCHES_PER_ARROW_BATCH),
         "spark.python.worker.reuse": "true",
         "spark.sql.execution.pyspark.udf.faulthandler.enabled": "true",
         **(conf or {}),
