@@ -15,7 +15,8 @@ PYTEST_ARGS ?=
 
 help:
 	@echo "make run        redis + $(WORKERS) worker(s) + gunicorn on http://127.0.0.1:5000 (WORKERS=N)"
-	@echo "make test       the pytest suite (real redis-server, gunicorn, workers)"
+	@echo "make test       the pytest suite (real redis-server, gunicorn, workers, a real Kubernetes control plane)"
+	@echo "make cluster    a local Kubernetes control plane in the foreground (.cluster/kubeconfig)"
 	@echo "make loadtest   locust, headless, against the local stack (or HOST=...)"
 	@echo "make bench      served vs raw throughput and latency, JSON + PNG under bench/results/"
 	@echo "make lint       hadolint on the Dockerfiles, helm lint on the chart"
@@ -40,7 +41,7 @@ redis:
 run: venv redis
 	$(BIN)/python -m tools.devstack --workers $(WORKERS)
 
-test: venv redis $(HELM_VENV_STAMP)
+test: venv redis $(HELM_VENV_STAMP) cluster-bin
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 loadtest: venv redis
