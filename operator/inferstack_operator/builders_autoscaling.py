@@ -140,7 +140,7 @@ def metrics_port_name(index: int) -> str:
 
 
 def build_web_pod_monitor(r: Resolved, settings: OperatorSettings) -> Manifest | None:
-    return _pod_monitor(r, WEB, [{"port": "http", "path": "/metrics", "interval": "15s"}])
+    return _pod_monitor(r, WEB, [{"port": "metrics", "path": "/metrics", "interval": "15s"}])
 
 
 def build_worker_pod_monitor(r: Resolved, settings: OperatorSettings) -> Manifest | None:
