@@ -13,6 +13,9 @@ from PIL import Image
 
 from tools.devstack import LocalStack
 
+# The real Kubernetes control plane fixtures (tests/chart, tests/cluster).
+pytest_plugins = ("tests.kubeplane",)
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The operator's timer interval is fixed when its handlers module is imported, and the chart
 # tests import it before tests/operator/ is collected: set the fast test interval here.
