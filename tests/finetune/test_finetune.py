@@ -216,7 +216,7 @@ def test_classes_with_too_few_images_are_named(base_model, digits, tmp_path):
                            "--out", str(tmp_path / "out"), "--base", base_model, "--no-progress"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "2 class(es) have fewer than 5 usable images: six (2), seven (1)" in proc.stderr
+    assert "2 class(es) have fewer than 5 usable images: seven (1), six (2)" in proc.stderr
 
 
 def test_classify_does_not_load_tensorflow_or_spark():

@@ -75,7 +75,8 @@ def _check_export(path: Path, model: Any, backbone: Backbone, val: list[Example]
 
 def _search_metrics(result: Any, varied: list[str]) -> dict[str, Any]:
     trials = [{k: v for k, v in t.items() if k != "weights"} for t in result.trials]
-    return {"varied": varied, "slots": result.slots, "wall_s": result.wall_s, "sum_trial_s": result.sum_trial_s,
+    return {"varied": varied, "slots": result.slots, "executor_start_s": result.executor_start_s,
+            "wall_s": result.wall_s, "sum_trial_s": result.sum_trial_s,
             "parallel_speedup": result.sum_trial_s / result.wall_s if result.wall_s else None,
             "best": result.best["index"], "trials": trials}
 
@@ -93,6 +94,7 @@ def finetune(opts: Options) -> dict[str, Any]:
     t = time.monotonic()
     labels, examples = scan(list_items(opts.data, skipped), skipped, opts.progress)
     stages["read_s"] = time.monotonic() - t
+    check_classes(labels, examples, opts.min_images)  # before the long stage; again once decoded
     backbone = load_backbone(opts.base, opts.weights, opts.seed, opts.feature_layer, opts.image_size)
     kept, features, fstats = compute_features(
         examples, backbone.identity, backbone.input_shape, extract_batch(backbone.model),
@@ -113,7 +115,7 @@ def finetune(opts: Options) -> dict[str, Any]:
     finally:
         if started:
             sc.stop()
-    stages["search_s"] = result.wall_s
+    stages["search_s"] = result.executor_start_s + result.wall_s
     best = result.best
     head = build_head(backbone.dim, len(labels), best["settings"]["units"], best["settings"]["dropout"],
                       best["settings"]["l2"])
