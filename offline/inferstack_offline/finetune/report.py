@@ -64,7 +64,8 @@ def plot_confusion(matrix: np.ndarray, labels: list[str], path: Path) -> None:
         ax.set_yticks(range(n), labels)
         for (i, j), count in np.ndenumerate(matrix):
             if count:
-                ax.text(j, i, str(count), ha="center", va="center", fontsize=8)
+                dark = count > matrix.max() / 2
+                ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if dark else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title("validation confusion matrix")
