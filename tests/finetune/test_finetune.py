@@ -80,7 +80,7 @@ def photos(digits, tmp_path_factory) -> dict:
 def finetuned(base_model, photos, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("finetuned")
     inferstack_main(["finetune", photos["root"], "--out", str(out), "--base", base_model, "--search", SEARCH,
-                     "--master", "local[2]", "--no-progress"])
+                     "--master", "local[2]", "--fine-tune-layers", "1", "--fine-tune-epochs", "8", "--no-progress"])
     return {"out": out, "metrics": json.loads((out / "metrics.json").read_text())}
 
 
@@ -144,6 +144,15 @@ def test_outputs_metrics_plots_and_calibration(finetuned, photos):
     calibration = sorted((out / "calibration").iterdir())
     assert len(calibration) == PER_CLASS * len(NEW)  # every usable image, up to the worker's 300
     assert all(p.suffix == ".png" for p in calibration)
+
+
+def test_fine_tuning_trains_the_top_base_layer_and_keeps_it_only_if_validation_holds(finetuned):
+    m = finetuned["metrics"]
+    tuned = m["fine_tune"]
+    assert len(tuned["layers"]) == 1 and tuned["layers"][0].startswith("conv2d")
+    assert tuned["val_top1_before"] == m["search"]["trials"][m["search"]["best"]]["val_top1"]
+    assert tuned["kept"] == (tuned["val_top1_after"] >= tuned["val_top1_before"])
+    assert m["best"]["val_top1"] == pytest.approx(max(tuned["val_top1_after"], tuned["val_top1_before"]))
 
 
 def test_search_beats_its_worst_setting_and_trials_ran_side_by_side(finetuned):

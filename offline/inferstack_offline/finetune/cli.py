@@ -95,8 +95,17 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     print(f"inferstack finetune: best of {len(search['trials'])} trials: {settings}; validation top-1 "
           f"{best['val_top1']:.3f}, top-5 {best['val_top5']:.3f}. Trials took {search['sum_trial_s']:.1f} s "
           f"together in {search['wall_s']:.1f} s on {search['slots']} slot(s).\n"
+          f"{_tuned_text(metrics['fine_tune'])}"
           f"Serve it: make run INFERSTACK_MODEL={metrics['model']} INFERSTACK_LABELS={metrics['labels']}",
           file=sys.stderr)
+
+
+def _tuned_text(tuned: dict | None) -> str:
+    if not tuned:
+        return ""
+    outcome = "kept" if tuned["kept"] else "not kept: the model without it is exported"
+    return (f"Fine-tuning {len(tuned['layers'])} base layer(s): validation top-1 {tuned['val_top1_before']:.3f} -> "
+            f"{tuned['val_top1_after']:.3f} ({outcome}).\n")
 
 
 def main(argv: list[str] | None = None) -> None:
