@@ -70,6 +70,27 @@ def test_an_interrupted_feature_run_keeps_its_work_and_a_rerun_computes_only_the
     assert (stats.reused, stats.computed) == (0, 10)
 
 
+def test_a_table_of_paths_and_labels_is_data_too(examples, tmp_path):
+    from inferstack_offline.finetune.dataset import DataError
+
+    rows = ["path,label"] + [f"{e.path},{'cat' if e.label else 'dog'}" for e in examples]
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "x.png").write_bytes(open(examples[0].path, "rb").read())
+    rows += ["photos/x.png,dog", "photos/missing.png,dog", "photos/y.png,"]
+    table = tmp_path / "labels.csv"
+    table.write_text("\n".join(rows) + "\n")
+    skipped = Skipped()
+    labels, found = scan(list_items(str(table), skipped), skipped, progress=False)
+    assert labels == ["cat", "dog"] and len(found) == len(examples)
+    reasons = {p.rsplit("/", 1)[-1]: r for p, r in ((s["path"], s["error"]) for s in skipped.files)}
+    assert reasons["labels.csv:13"] == "row without a path or a label"
+    assert "No such file" in reasons["missing.png"]
+    assert reasons["x.png"].startswith("the same image as ")  # a copy of an image already listed
+    (tmp_path / "bad.csv").write_text("file,class\na.png,dog\n")
+    with pytest.raises(DataError, match="needs columns 'path' and 'label'"):
+        list_items(str(tmp_path / "bad.csv"), Skipped())
+
+
 def test_split_is_stratified_and_does_not_depend_on_listing_order(examples):
     train, val = split(examples, 0.2, seed=0)
     assert sorted(e.label for e in val) == [0, 1]
@@ -85,7 +106,8 @@ def test_search_grammar():
     assert len(trials) == 4 and trials[0]["settings"]["epochs"] == 30 and trials[3]["seed"] == 10
     assert len(make_trials(grid, 2, seed=7)) == 2
     for bad, message in (("lr=fast", "not a number"), ("momentum=0.9", "NAME one of lr, dropout"),
-                         ("dropout=1.5", "fraction below 1"), ("lr=0", "positive"), ("lr", "NAME=V1,V2")):
+                         ("dropout=1.5", "fraction below 1"), ("lr=0", "positive"), ("lr", "NAME=V1,V2"),
+                         ("units=0.5", "whole numbers")):
         with pytest.raises(ConfigError, match=message):
             parse_search(bad)
 

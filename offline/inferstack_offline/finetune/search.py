@@ -42,9 +42,13 @@ def parse_search(text: str) -> dict[str, list[Any]]:
         if not sep or not values or name not in PARAMS:
             raise ConfigError(f"--search: {part!r} is not NAME=V1,V2,... with NAME one of {', '.join(PARAMS)}")
         try:
-            parsed = [PARAMS[name](float(v)) if PARAMS[name] is int else float(v) for v in values.split(",")]
+            parsed = [float(v) for v in values.split(",")]
         except ValueError:
             raise ConfigError(f"--search: {part!r} holds a value that is not a number") from None
+        if PARAMS[name] is int:
+            if any(v != int(v) for v in parsed):
+                raise ConfigError(f"--search: {part!r}: {name} takes whole numbers")
+            parsed = [int(v) for v in parsed]
         if any(v < 0 for v in parsed) or (name in ("lr", "epochs", "batch") and any(v <= 0 for v in parsed)):
             raise ConfigError(f"--search: {part!r}: values must be positive")
         if name == "dropout" and any(v >= 1 for v in parsed):
