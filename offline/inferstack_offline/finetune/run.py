@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 
 from .dataset import Example, Skipped, check_classes, list_items, scan, split
-from .features import compute_features, extract_batch
+from .features import FeatureStats, compute_features, extract_batch
 from .model import Backbone, assemble, build_head, load_backbone
 from .report import (confusion_matrix, per_class_accuracy, plot_confusion, plot_search, write_calibration,
                      write_json)
-from .search import DEFAULT_SEARCH, make_trials, parse_search, run_search, spark_context, top_k_accuracy
+from .search import (DEFAULT_SEARCH, SearchResult, make_trials, parse_search, run_search, spark_context,
+                     top_k_accuracy)
 
 MODEL_FILE = "model.keras"
 LABELS_FILE = "labels.txt"
@@ -81,16 +82,9 @@ def _search_metrics(result: Any, varied: list[str]) -> dict[str, Any]:
             "best": result.best["index"], "trials": trials}
 
 
-def finetune(opts: Options) -> dict[str, Any]:
-    """Run every stage and write OUT/{model.keras, labels.txt, metrics.json, *.png, calibration/}."""
-    t_start = time.monotonic()
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    grid = parse_search(opts.search)
-    trials = make_trials(grid, opts.trials, opts.seed)
-    skipped = Skipped()
-    stages: dict[str, float] = {}
-
+def _features_stage(opts: Options, out: Path, skipped: Skipped, stages: dict[str, float]) -> tuple[
+        list[str], Backbone, list[Example], np.ndarray, FeatureStats]:
+    """Read and digest every file, then the backbone's features for each usable one."""
     t = time.monotonic()
     labels, examples = scan(list_items(opts.data, skipped), skipped, opts.progress)
     stages["read_s"] = time.monotonic() - t
@@ -103,12 +97,11 @@ def finetune(opts: Options) -> dict[str, Any]:
     for item in skipped.files:
         _say(f"skipped {item['path']}: {item['error']}")
     check_classes(labels, kept, opts.min_images)
-    train, val = split(kept, opts.val_split, opts.seed)
-    data = _arrays(train, val, {e.digest: i for i, e in enumerate(kept)}, features, len(labels))
-    _say(f"{len(labels)} classes, {len(train)} training and {len(val)} validation images, "
-         f"{backbone.dim} features each ({fstats.reused} cached, {fstats.computed} computed); "
-         f"{len(trials)} trial(s) on {opts.master}")
+    return labels, backbone, kept, features, fstats
 
+
+def _search_stage(opts: Options, trials: list[dict[str, Any]], data: dict[str, np.ndarray],
+                  stages: dict[str, float]) -> SearchResult:
     sc, started = spark_context(opts.master, opts.spark_conf)
     try:
         result = run_search(sc, trials, data, opts.progress)
@@ -116,11 +109,35 @@ def finetune(opts: Options) -> dict[str, Any]:
         if started:
             sc.stop()
     stages["search_s"] = result.executor_start_s + result.wall_s
-    best = result.best
-    head = build_head(backbone.dim, len(labels), best["settings"]["units"], best["settings"]["dropout"],
-                      best["settings"]["l2"])
+    return result
+
+
+def _best_model(backbone: Backbone, classes: int, best: dict[str, Any]) -> Any:
+    s = best["settings"]
+    head = build_head(backbone.dim, classes, s["units"], s["dropout"], s["l2"])
     head.set_weights(best["weights"])
-    model = assemble(backbone, head)
+    return assemble(backbone, head)
+
+
+def finetune(opts: Options) -> dict[str, Any]:
+    """Run every stage and write OUT/{model.keras, labels.txt, metrics.json, *.png, calibration/}."""
+    t_start = time.monotonic()
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = parse_search(opts.search)
+    trials = make_trials(grid, opts.trials, opts.seed)
+    skipped = Skipped()
+    stages: dict[str, float] = {}
+
+    labels, backbone, kept, features, fstats = _features_stage(opts, out, skipped, stages)
+    train, val = split(kept, opts.val_split, opts.seed)
+    data = _arrays(train, val, {e.digest: i for i, e in enumerate(kept)}, features, len(labels))
+    _say(f"{len(labels)} classes, {len(train)} training and {len(val)} validation images, "
+         f"{backbone.dim} features each ({fstats.reused} cached, {fstats.computed} computed); "
+         f"{len(trials)} trial(s) on {opts.master}")
+    result = _search_stage(opts, trials, data, stages)
+    best = result.best
+    model = _best_model(backbone, len(labels), best)
 
     tuned = None
     if opts.fine_tune_layers > 0:
