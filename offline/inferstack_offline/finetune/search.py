@@ -117,6 +117,7 @@ def spark_context(master: str, conf: dict[str, str] | None = None) -> tuple[Any,
 
     if master.startswith("local"):
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # a local run listens on loopback only
     spark_conf = (SparkConf().setMaster(master).setAppName("inferstack-finetune")
                   .set("spark.ui.showConsoleProgress", "false").set("spark.python.worker.reuse", "true"))
     for name, value in TRIAL_ENV.items():
