@@ -254,7 +254,16 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="retries on 503/504/network errors")
     c.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Only argparse and NumPy load here: TensorFlow and Spark wait until `finetune` runs.
+    from inferstack_offline.finetune import cli as finetune_cli
+
+    f = sub.add_parser("finetune", help="train a classifier for your own labelled photos (transfer learning)",
+                       description=finetune_cli.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune_cli.add_arguments(f)
     args = parser.parse_args(argv)
+    if args.command == "finetune":
+        finetune_cli.run(args, f)
+        return
     if not 1 <= args.top_k <= 1000:
         parser.error("--top-k must be between 1 and 1000")
     if args.concurrency < 1:
