@@ -152,7 +152,7 @@ def test_pod_monitors_only_when_enabled_and_served() -> None:
     body = {"monitoring": {"enabled": True}, "worker": {"gpu": 2}}
     objs = children(body, {MONITORING})
     web, worker = objs["PodMonitor/demo-web"], objs["PodMonitor/demo-worker"]
-    assert web["spec"]["podMetricsEndpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    assert web["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
     assert [e["port"] for e in worker["spec"]["podMetricsEndpoints"]] == ["metrics", "metrics-gpu1"]
     containers = objs["Deployment/demo-worker"]["spec"]["template"]["spec"]["containers"]
     assert [c["ports"][0] for c in containers] == [
