@@ -70,9 +70,12 @@ def test_key_names():
     assert Keys().stream == "inferstack:requests"
 
 
-def test_the_contract_loads_without_third_party_packages():
-    # What the operator image relies on: importing the contract pulls in neither numpy nor redis.
-    code = ("import sys, inferstack.contract, inferstack.contract.acl, inferstack.contract.media; "
-            "print(sorted(m for m in ('numpy', 'redis', 'PIL', 'flask', 'yaml') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+def data_plane_packages_loaded_by(imports: str) -> str:
+    code = f"import sys, {imports}; print(sorted(m for m in ('numpy', 'redis', 'PIL', 'flask') if m in sys.modules))"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_the_contract_and_the_operator_load_without_the_data_plane_packages():
+    # The operator image installs only the operator extra: no numpy, redis, Pillow or Flask there.
+    assert data_plane_packages_loaded_by("inferstack.contract, inferstack.contract.acl, inferstack.contract.media") == "[]"
+    assert data_plane_packages_loaded_by("inferstack_operator.handlers, inferstack_operator.builders") == "[]"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 import numpy as np
@@ -74,6 +75,6 @@ class Classifier:
                            labels=tuple(self.labels), runtime=self.runtime, precision=self.precision)
 
     def info(self) -> dict[str, Any]:
-        """The record as its JSON object."""
-        return {"name": self.name, "input_shape": list(self.input_shape), "classes": len(self.labels),
-                "labels": self.labels, "runtime": self.runtime, "precision": self.precision}
+        """The record as its JSON object (the wire shape is ModelRecord's)."""
+        info: dict[str, Any] = json.loads(self.record().to_wire())
+        return info
