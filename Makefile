@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 # Component fragments (operator, chart, load test) add targets and prerequisites.
 -include mk/*.mk
-.PHONY: help venv redis run test test-fast loadtest bench lint images chart clean
+.PHONY: help venv redis run test test-fast loadtest bench lint lint-imports images chart clean
 
 help:
 	@echo "make run        redis + $(WORKERS) worker(s) + gunicorn on http://127.0.0.1:5000 (WORKERS=N)"
@@ -19,7 +19,7 @@ help:
 	@echo "make cluster    a local Kubernetes control plane in the foreground (.cluster/kubeconfig)"
 	@echo "make loadtest   locust, headless, against the local stack (or HOST=...)"
 	@echo "make bench      served vs raw throughput and latency, JSON + PNG under bench/results/"
-	@echo "make lint       hadolint on the Dockerfiles, helm lint on the chart"
+	@echo "make lint       hadolint on the Dockerfiles, helm lint on the chart, import layers (lint-imports)"
 	@echo "make images     docker build of web, worker (CPU, GPU) and operator images"
 	@echo "make chart      sync the CRD into the chart and package it"
 
@@ -49,6 +49,11 @@ loadtest: venv redis
 
 bench: venv redis
 	$(BIN)/python bench/bench.py
+
+# The layers in .importlinter; make test checks them too (tests/contract/test_import_layers.py).
+lint: lint-imports
+lint-imports: venv
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .venv-helm .pytest_cache build *.egg-info

@@ -18,7 +18,6 @@ import os
 import pathlib
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import requests
 import yaml
 
 from inferstack_operator import config as opconfig
+from tests import helpers
 from tools import cluster
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -185,21 +185,22 @@ class Kube:
 
 def wait_for(check: Callable[[], Any], timeout: float = 30.0, what: str | Callable[[], str] = "condition",
              interval: float = 0.2) -> Any:
-    """Call ``check`` until it returns something truthy (or stops raising AssertionError/KeyError)."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while True:
+    """``tests.helpers.wait_for`` for objects that may not be there yet: an error reading one
+    (a missing key, a 404) counts as "not yet". A callable ``what`` says what it saw at the end."""
+    errors: list[BaseException] = []
+
+    def attempt() -> Any:
         try:
-            result = check()
-            if result:
-                return result
-            last = None
+            return check()
         except (AssertionError, KeyError, TypeError, IndexError, ApiError) as e:
-            last = e
-        if time.monotonic() > deadline:
-            said = what() if callable(what) else what  # a callable says what it saw at the end
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {said}" + (f": {last!r}" if last else ""))
-        time.sleep(interval)
+            errors[:] = [e]
+            return None
+
+    def explain() -> str:
+        return (what() if callable(what) else "") + (f" (last error: {errors[0]!r})" if errors else "")
+
+    return helpers.wait_for(attempt, timeout=timeout, what=what if isinstance(what, str) else "it",
+                            interval=interval, explain=explain)
 
 
 # ---------------------------------------------------------------- helm

@@ -28,7 +28,6 @@ GROUP = "inferstack.dev"
 VERSION = "v1alpha1"
 PLURAL = "inferenceservices"
 KIND = "InferenceService"
-API_VERSION = f"{GROUP}/{VERSION}"
 
 # Identifies this operator as the owner of fields (server-side apply) and of objects (labels).
 FIELD_MANAGER = "inferstack-operator"

@@ -210,7 +210,8 @@ def test_notes_for_namespaced_and_sample(rendered: dict) -> None:
 
 
 def test_docs_inference_services_are_valid() -> None:
-    docs = (CHART.parent.parent / "README.md").read_text()
+    repo = CHART.parent.parent
+    docs = "".join(p.read_text() for p in [repo / "README.md", *sorted((repo / "docs").glob("*.md"))])
     blocks = re.findall(r"<<'YAML'\n(.*?)\nYAML\n", docs, re.S)
     assert blocks
     for block in blocks:

@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from tests.cluster.podrun import Container, PodRunner, python_bin
-from tests.conftest import DIGIT_LABELS, digit_images, png_bytes
+from tests.helpers import DIGIT_LABELS, digit_images, png_bytes
 from tests.kubeplane import ISVC_API, Kube, wait_for
 
 NAME = "digits"
