@@ -146,7 +146,7 @@ class Kube:
 
     def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
         proc = subprocess.run([self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args], input=input, text=True,
-                              capture_output=True, timeout=120)
+                              capture_output=True, timeout=300)  # beyond any --timeout a test passes
         if check and proc.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
         return proc

@@ -373,10 +373,10 @@ class ControlPlane:
                               text=True,
                               capture_output=True, check=check)
 
-    def add_node(self, name: str, cpu: str = "32", memory: str = "256Gi", gpus: int = 0,
+    def add_node(self, name: str, cpu: str = "1000", memory: str = "4Ti", gpus: int = 0,
                  labels: dict[str, str] | None = None) -> None:
-        """A fake node that kwok keeps Ready and whose pods kwok runs."""
-        capacity = {"cpu": cpu, "memory": memory, "pods": "110", **({GPU_RESOURCE: str(gpus)} if gpus else {})}
+        """A fake node that kwok keeps Ready and whose pods kwok runs (room for many test namespaces)."""
+        capacity = {"cpu": cpu, "memory": memory, "pods": "1000", **({GPU_RESOURCE: str(gpus)} if gpus else {})}
         node = {"apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": name, "annotations": {KWOK_NODE_ANNOTATION: "fake"},
                              "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",

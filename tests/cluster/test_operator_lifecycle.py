@@ -49,7 +49,8 @@ def all_children(kube: Kube, ns: str, name: str) -> dict[str, dict[str, Any]]:
 
 
 def wait_ready(kube: Kube, ns: str, name: str, timeout: int = 120) -> None:
-    kube.kubectl("wait", "--for=condition=Ready", f"infsvc/{name}", "-n", ns, f"--timeout={timeout}s")
+    wait_for(lambda: kube.condition(ns, name).get("status") == "True", timeout=timeout,
+             what=lambda: f"{name} Ready: {kube.condition(ns, name)}")
 
 
 def container_env(deploy: dict[str, Any]) -> dict[str, Any]:

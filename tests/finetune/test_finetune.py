@@ -17,7 +17,7 @@ import requests
 
 from inferstack.client import main as inferstack_main
 from inferstack.imaging import decode_image
-from tests.conftest import DIGIT_LABELS, DIGIT_SIZE, digit_images, png_bytes, stack_log
+from tests.helpers import DIGIT_LABELS, DIGIT_SIZE, digit_images, png_bytes, stack_log
 from tools.devstack import LocalStack
 
 NEW = list(range(5, 10))

@@ -10,7 +10,7 @@ from inferstack.config import ConfigError
 from inferstack_offline.finetune.dataset import Skipped, list_items, scan, split
 from inferstack_offline.finetune.features import cache_folder, compute_features
 from inferstack_offline.finetune.search import make_trials, parse_search
-from tests.conftest import DIGIT_SIZE, digit_images, png_bytes
+from tests.helpers import DIGIT_SIZE, digit_images, png_bytes
 
 SHAPE = (DIGIT_SIZE, DIGIT_SIZE, 3)
 IDENTITY = {"base": "test", "weights": "none", "input_shape": list(SHAPE)}

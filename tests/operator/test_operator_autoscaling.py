@@ -8,8 +8,7 @@ from typing import Any
 import celpy
 import kubernetes_validate
 import pytest
-from tests.operator.test_operator_builders import resolved
-from tests.operator.test_operator_crd import admit, version
+from tests.operator.kit import admit, resolved, version
 
 from inferstack import protocol
 from inferstack_operator import builders, builders_autoscaling, reasons, reconcile, spec, status
