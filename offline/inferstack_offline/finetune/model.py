@@ -140,7 +140,7 @@ def file_backbone(path: str, weights: str, seed: int, feature_layer: str | None 
     what that layer saw. The file already takes 0..255 pixels (the worker feeds it so)."""
     import keras
 
-    from inferstack_worker.model import _input_shape
+    from inferstack_worker.loading import input_shape_of
     from inferstack_worker.model_files import load_model_file
 
     if not os.path.isfile(path):
@@ -152,7 +152,7 @@ def file_backbone(path: str, weights: str, seed: int, feature_layer: str | None 
     elif weights != "imagenet":  # imagenet means "the file's own weights" here
         check_weights(weights)
         base.load_weights(weights)
-    shape = _input_shape(os.path.basename(path), base.input_shape)
+    shape = input_shape_of(os.path.basename(path), base.input_shape)
     features = _feature_output(base, feature_layer)
     if len(features.shape) == 4:
         features = keras.layers.GlobalAveragePooling2D()(features)
