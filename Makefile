@@ -11,15 +11,16 @@ PYTEST_ARGS ?=
 
 # Component fragments (operator, chart, load test) add targets and prerequisites.
 -include mk/*.mk
-.PHONY: help venv redis java run test test-fast loadtest bench lint images chart clean
+.PHONY: help venv redis java run test test-fast loadtest bench bench-batch lint lint-imports images chart clean
 
 help:
 	@echo "make run        redis + $(WORKERS) worker(s) + gunicorn on http://127.0.0.1:5000 (WORKERS=N)"
-	@echo "make test       the pytest suite (real redis-server, gunicorn, workers)"
+	@echo "make test       the pytest suite (real redis-server, gunicorn, workers, a real Kubernetes control plane)"
+	@echo "make cluster    a local Kubernetes control plane in the foreground (.cluster/kubeconfig)"
 	@echo "make loadtest   locust, headless, against the local stack (or HOST=...)"
 	@echo "make bench      served vs raw throughput and latency, JSON + PNG under bench/results/"
 	@echo "make bench-batch  inferstack batch (Spark) vs raw model vs inferstack classify, JSON under bench/results/"
-	@echo "make lint       hadolint on the Dockerfiles, helm lint on the chart"
+	@echo "make lint       hadolint on the Dockerfiles, helm lint on the chart, import layers (lint-imports)"
 	@echo "make images     docker build of web, worker (CPU, GPU) and operator images"
 	@echo "make chart      sync the CRD into the chart and package it"
 
@@ -39,16 +40,12 @@ redis:
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 
 # PySpark (`inferstack batch` and its tests) needs a Java 17+ runtime; Debian's default JRE is one.
-java:
-	@command -v java >/dev/null 2>&1 || { \
-		echo "installing a Java runtime from Debian (for PySpark)"; \
-		if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq default-jre-headless >/dev/null; }
+# java: mk/finetune.mk (PySpark needs a Java runtime; inferstack batch and finetune share it).
 
 run: venv redis
 	$(BIN)/python -m tools.devstack --workers $(WORKERS)
 
-test: venv redis java $(HELM_VENV_STAMP)
+test: venv redis java $(HELM_VENV_STAMP) cluster-bin
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 loadtest: venv redis
@@ -59,6 +56,11 @@ bench: venv redis
 
 bench-batch: venv redis java
 	$(BIN)/python bench/batch.py
+
+# The layers in .importlinter; make test checks them too (tests/contract/test_import_layers.py).
+lint: lint-imports
+lint-imports: venv
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .venv-helm .pytest_cache build *.egg-info

@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inferstack.config import Settings  # noqa: E402
+from inferstack.contract.http import PREDICT_PATH  # noqa: E402
+from inferstack.contract.settings import env_name as E  # noqa: E402
 from tools.devstack import LocalStack  # noqa: E402
 from inferstack.imaging import decode_image  # noqa: E402
 
@@ -103,7 +105,7 @@ def load(url: str, clients: int, seconds: float, body: bytes, ctype: str) -> dic
         while time.perf_counter() < stop_at[0]:
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/predict", body, {"Content-Type": ctype})
+                conn.request("POST", PREDICT_PATH, body, {"Content-Type": ctype})
                 resp = conn.getresponse()
                 payload = resp.read()
                 ok = resp.status == 200 and json.loads(payload).get("success") is True
@@ -248,9 +250,9 @@ def compare_runtimes(args: argparse.Namespace) -> int:
     stacks = {}
     try:
         for runtime, precision in combos:
-            env = {"INFERSTACK_MODEL": args.model, "INFERSTACK_WEIGHTS": args.weights,
-                   "INFERSTACK_BATCH_SIZE": str(args.batch_size), "INFERSTACK_RUNTIME": runtime,
-                   "INFERSTACK_PRECISION": precision, "INFERSTACK_CALIBRATION_DIR": calibration}
+            env = {E("model"): args.model, E("weights"): args.weights,
+                   E("batch_size"): str(args.batch_size), E("runtime"): runtime,
+                   E("precision"): precision, E("calibration_dir"): calibration}
             # All stacks up at once (idle ones cost no CPU), so rounds can alternate between them.
             stacks[(runtime, precision)] = LocalStack(env=env).start(workers=1)
             load(stacks[(runtime, precision)].url, 2, 1.0, body, ctype)
@@ -352,8 +354,7 @@ def main() -> int:
     tp_before = raw_throughput(clf, x, args.batch_size, args.duration)
     print(f"  batch {args.batch_size}: {tp_before:.1f} img/s", flush=True)
 
-    env = {"INFERSTACK_MODEL": args.model, "INFERSTACK_WEIGHTS": args.weights,
-           "INFERSTACK_BATCH_SIZE": str(args.batch_size)}
+    env = {E("model"): args.model, E("weights"): args.weights, E("batch_size"): str(args.batch_size)}
     print("served: local stack, 1 worker, gunicorn 2x32 threads (1 client alternates with raw batch 1)", flush=True)
     served, raw_lat = served_run(env, levels, args.duration, body, ctype, raw=(clf, x))
     tp_after = raw_throughput(clf, x, args.batch_size, args.duration)
@@ -374,7 +375,7 @@ def main() -> int:
         print("batch delay trade-off at 8 clients", flush=True)
         for d in delays:
             print(f" delay {d:g} ms", flush=True)
-            res = served_run({**env, "INFERSTACK_MAX_BATCH_DELAY_MS": str(d)}, [8], args.duration, body, ctype)[0]
+            res = served_run({**env, E("max_batch_delay_ms"): str(d)}, [8], args.duration, body, ctype)[0]
             delay_sweep.append({"max_batch_delay_ms": d, **res[0]})
 
     by_clients = {r["clients"]: r for r in served}

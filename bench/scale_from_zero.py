@@ -28,7 +28,9 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inferstack.protocol import GROUP, Keys  # noqa: E402
+from inferstack.contract.http import PREDICT_PATH, READYZ_PATH  # noqa: E402
+from inferstack.contract.queue import GROUP, Keys  # noqa: E402
+from inferstack.contract.settings import env_name as E  # noqa: E402
 from tools.devstack import LocalStack, weights_fallback_env  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "scale_from_zero.json"
@@ -48,11 +50,11 @@ def lag(r: redis.Redis, stream: str) -> int:
 
 
 def one_run(stack: LocalStack, upload: bytes, index: int) -> dict[str, float]:
-    r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
+    r = redis.Redis.from_url(stack.env[E("redis_url")])
     stream = Keys("inferstack").stream
     result: dict[str, requests.Response] = {}
     client = threading.Thread(target=lambda: result.update(rsp=requests.post(
-        stack.url + "/predict", files={"image": ("chelsea.jpg", upload)}, timeout=600)))
+        stack.url + PREDICT_PATH, files={"image": ("chelsea.jpg", upload)}, timeout=600)))
     client.start()
     while lag(r, stream) < 1:
         time.sleep(0.01)
@@ -78,11 +80,11 @@ def one_run(stack: LocalStack, upload: bytes, index: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--model", default=os.environ.get("INFERSTACK_MODEL", "ResNet50"))
-    parser.add_argument("--batch-size", default=os.environ.get("INFERSTACK_BATCH_SIZE", "32"))
+    parser.add_argument("--model", default=os.environ.get(E("model"), "ResNet50"))
+    parser.add_argument("--batch-size", default=os.environ.get(E("batch_size"), "32"))
     args = parser.parse_args()
-    env = {"INFERSTACK_MODEL": args.model, "INFERSTACK_BATCH_SIZE": args.batch_size,
-           "INFERSTACK_REQUEST_TIMEOUT_S": "600", "INFERSTACK_WEB_PROCESSES": "1", **weights_fallback_env("bench")}
+    env = {E("model"): args.model, E("batch_size"): args.batch_size,
+           E("request_timeout_s"): "600", E("web_processes"): "1", **weights_fallback_env("bench")}
     stack = LocalStack(env=env)
     upload = photo()
     runs = []
@@ -91,7 +93,7 @@ def main() -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if requests.get(stack.url + "/readyz", timeout=2).status_code == 200:
+                if requests.get(stack.url + READYZ_PATH, timeout=2).status_code == 200:
                     break
             except requests.ConnectionError:
                 pass
@@ -106,7 +108,7 @@ def main() -> None:
     times = [run["worker_start_to_answer_s"] for run in runs]
     report = {
         "what": "worker process start -> first answer to a request queued while no worker ran",
-        "model": args.model, "weights": env.get("INFERSTACK_WEIGHTS", "imagenet"), "batch_size": int(args.batch_size),
+        "model": args.model, "weights": env.get(E("weights"), "imagenet"), "batch_size": int(args.batch_size),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "runs": runs,
         "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
     }

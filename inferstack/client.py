@@ -30,8 +30,13 @@ import requests
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+from inferstack.contract.http import LOCAL_WEB_PORT, PREDICT_PATH
+from inferstack.contract.media import IMAGE_SUFFIXES
+
 DEFAULT_RETRIES = 8
+# The client's own setting (not a server one): where `inferstack classify` sends images.
+URL_ENV = "INFERSTACK_URL"
+LOCAL_URL = f"http://127.0.0.1:{LOCAL_WEB_PORT}"
 MAX_BACKOFF_S = 30.0
 
 
@@ -80,7 +85,7 @@ class Client:
     """A /predict client; thread-safe, with one keep-alive connection per thread."""
 
     def __init__(self, url: str, top_k: int = 5, timeout_s: float = 120.0, retries: int = DEFAULT_RETRIES) -> None:
-        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/predict") else "/predict")
+        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith(PREDICT_PATH) else PREDICT_PATH)
         self.top_k = top_k
         self.timeout_s = timeout_s
         self.retries = retries
@@ -260,15 +265,24 @@ def main(argv: list[str] | None = None) -> None:
                    "(see inferstack batch --help)")
     c = sub.add_parser("classify", help="classify image files and folders through /predict, as JSON Lines")
     c.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders to walk for images")
-    c.add_argument("--url", default=os.environ.get("INFERSTACK_URL", "http://127.0.0.1:5000"),
-                   help="the service's base URL (default: $INFERSTACK_URL or http://127.0.0.1:5000)")
+    c.add_argument("--url", default=os.environ.get(URL_ENV, LOCAL_URL),
+                   help=f"the service's base URL (default: ${URL_ENV} or {LOCAL_URL})")
     c.add_argument("--top-k", type=int, default=5, help="predictions per image (1..1000, default 5)")
     c.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
     c.add_argument("--out", help="JSON Lines file; a re-run skips images already answered in it")
     c.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="retries on 503/504/network errors")
     c.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # Only argparse and NumPy load here: TensorFlow and Spark wait until `finetune` runs.
+    from inferstack_offline.finetune import cli as finetune_cli
+
+    f = sub.add_parser("finetune", help="train a classifier for your own labelled photos (transfer learning)",
+                       description=finetune_cli.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    finetune_cli.add_arguments(f)
     args = parser.parse_args(argv)
+    if args.command == "finetune":
+        finetune_cli.run(args, f)
+        return
     if not 1 <= args.top_k <= 1000:
         parser.error("--top-k must be between 1 and 1000")
     if args.concurrency < 1:

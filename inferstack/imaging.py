@@ -57,6 +57,18 @@ def decode_image(
     if not data:
         raise BadImage("The uploaded file is empty; send a JPEG, PNG, GIF, BMP, TIFF or WebP image.")
     height, width = size
+    im = _open_checked(data, max_pixels)
+    try:
+        pixels = _decode_resized(im, width, height, max_bytes)
+    except BadImage:
+        raise
+    except Exception as exc:  # truncated data, bad Huffman tables, broken palettes...
+        raise BadImage(f"The image data is damaged or incomplete ({_short(exc)}).") from None
+    return np.ascontiguousarray(pixels.reshape(height, width, 3))
+
+
+def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
+    """The image's header, read and checked against max_pixels; nothing decoded yet."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -69,7 +81,6 @@ def decode_image(
         raise TooManyPixels(f"The image has too many pixels; the limit is {max_pixels} pixels.") from None
     except Exception as exc:  # Pillow raises many types on corrupt headers
         raise BadImage(f"The image could not be read ({_short(exc)}); check that the file is not damaged.") from None
-
     if im.width * im.height > max_pixels:
         raise TooManyPixels(
             f"The image is {im.width}x{im.height} = {im.width * im.height} pixels; "
@@ -77,32 +88,30 @@ def decode_image(
         )
     if im.width < 1 or im.height < 1:
         raise BadImage("The image has no pixels.")
-    try:
-        if im.format == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the photo is much larger than needed.
-            im.draft(im.mode if im.mode in ("L", "RGB") else None, (2 * width, 2 * height))
-        need = decoded_bytes(im)
-        if need > max_bytes:
-            raise TooLargeToDecode(
-                f"The image is {im.width}x{im.height} in mode {im.mode}: decoding it would take "
-                f"{need // 2**20} MiB, over the limit of {max_bytes // 2**20} MiB. Send a smaller image "
-                "(fewer pixels or 8 bits per channel)."
-            )
-        im.load()
-        orientation = im.getexif().get(0x0112)
-        im = _shrink(im, 2 * max(width, height))
-        im = _to_rgb(im)
-        method = _ORIENTATION.get(orientation)
-        if method is not None:
-            im = im.transpose(method)
-        if im.size != (width, height):
-            im = im.resize((width, height), Image.Resampling.BILINEAR)
-        pixels = np.asarray(im, dtype=np.uint8)
-    except BadImage:
-        raise
-    except Exception as exc:  # truncated data, bad Huffman tables, broken palettes...
-        raise BadImage(f"The image data is damaged or incomplete ({_short(exc)}).") from None
-    return np.ascontiguousarray(pixels.reshape(height, width, 3))
+    return im
+
+
+def _decode_resized(im: Image.Image, width: int, height: int, max_bytes: int) -> np.ndarray:
+    """Decode within max_bytes, shrink, convert to RGB, orient and resize: uint8 (height, width, 3)."""
+    if im.format == "JPEG":
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the photo is much larger than needed.
+        im.draft(im.mode if im.mode in ("L", "RGB") else None, (2 * width, 2 * height))
+    need = decoded_bytes(im)
+    if need > max_bytes:
+        raise TooLargeToDecode(
+            f"The image is {im.width}x{im.height} in mode {im.mode}: decoding it would take "
+            f"{need // 2**20} MiB, over the limit of {max_bytes // 2**20} MiB. Send a smaller image "
+            "(fewer pixels or 8 bits per channel)."
+        )
+    im.load()
+    orientation = im.getexif().get(0x0112)
+    im = _to_rgb(_shrink(im, 2 * max(width, height)))
+    method = _ORIENTATION.get(orientation)
+    if method is not None:
+        im = im.transpose(method)
+    if im.size != (width, height):
+        im = im.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
 
 
 def _shrink(im: Image.Image, side: int) -> Image.Image:

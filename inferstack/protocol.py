@@ -8,26 +8,16 @@ pending requests (at-least-once delivery). Replies go to a per-request list that
 request waits on with BLPOP, and that expires on its own if the client gave up.
 Nothing polls: the worker blocks in XREADGROUP, the web request blocks in BLPOP.
 
-Keys, for prefix P:
-  P:requests        stream: v (protocol version), id, h, w, c, top_k, deadline_ms, data (raw uint8
-                    pixels), probs ("1": also reply with every class's probability; absent means no);
-                    written by encode_entry, read by decode_entry, nowhere else
-  P:dead            stream, capped: entries no worker could serve (undecodable, or handed out
-                    MAX_DELIVERIES times), with the reason; kept for an operator to inspect
-  P:reply:<id>      list holding one JSON reply: {"ok", "predictions", "model", "probabilities"?}
-                    or {"ok": false, "error"}; "probabilities" is base64 of float32 little-endian
-  P:workers         sorted set: worker name -> heartbeat expiry (unix seconds, server clock)
-  P:model           JSON describing the model the workers serve (input size, classes, labels)
-  P:arrivals        pub/sub channel, one message per enqueue: wakes workers filling a batch
-                    (Redis blocking-command timeouts tick at server.hz, ~100 ms: too coarse for
-                    a 5 ms batch window, so the window is timed on the worker's side)
+The key names (inferstack.contract.queue) and the messages with their wire shape
+(inferstack.contract.messages) are defined in the contract; this module runs them on Redis.
+(Redis blocking-command timeouts tick at server.hz, ~100 ms: too coarse for a 5 ms batch
+window, so the window is timed on the worker's side, woken by the arrivals channel.)
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -38,21 +28,35 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-GROUP = "workers"
-HEARTBEAT_TTL_S = 5
-# A request handed out this many times without an answer is failing the worker: answer it
-# with an error instead of passing it on forever.
-MAX_DELIVERIES = 3
-REPLY_GRACE_S = 30
-# Version of the request entry format. Entries without a version field are version 1 (same
-# fields); a worker refuses versions it does not know instead of guessing at their fields.
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = frozenset({1})
-DEAD_LETTER_MAXLEN = 10_000
+from inferstack.contract.messages import (
+    DEADLINE_FIELD,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+    EntryError,
+    ModelRecord,
+    QueueEntry,
+    Reply,
+)
+from inferstack.contract.queue import (
+    DEAD_LETTER_MAXLEN,
+    GROUP,
+    HEARTBEAT_TTL_S,
+    MAX_DELIVERIES,
+    REPLY_GRACE_S,
+    Keys,
+)
+
+# Re-exported: the names this module has always offered (tests and other branches import them).
+__all__ = [
+    "DEAD_LETTER_MAXLEN", "GROUP", "HEARTBEAT_TTL_S", "MAX_DELIVERIES", "PROTOCOL_VERSION", "REPLY_GRACE_S",
+    "SUPPORTED_VERSIONS", "Keys", "ModelRecord", "Poison", "QueueEntry", "QueueFull", "RedisFull", "Reply",
+    "ReplyTimeout", "Request", "WebQueue", "WorkerQueue", "connect", "decode_entry", "decode_probabilities",
+    "encode_entry", "encode_probabilities", "ensure_group",
+]
+
 # Above this share of maxmemory the web tier stops queueing (503) so that the workers'
 # replies, which need memory too, still fit.
 MEMORY_ADMISSION_RATIO = 0.9
-_REQUEST_ID = re.compile(rb"^[0-9A-Za-z_-]{1,64}$")
 
 # Atomic "enqueue unless full": XLEN and XADD in one script so concurrent web processes
 # cannot overshoot the cap. The deadline is taken from the Redis clock, shared by all pods.
@@ -64,12 +68,12 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local args = {KEYS[1], '*'}
 for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
-args[#args + 1] = 'deadline_ms'
+args[#args + 1] = '%s'
 args[#args + 1] = now_ms + tonumber(ARGV[2])
 redis.call('XADD', unpack(args))
 redis.call('PUBLISH', KEYS[2], '1')
 return {1, n + 1}
-"""
+""" % DEADLINE_FIELD
 
 _HEARTBEAT = """
 local t = redis.call('TIME')
@@ -150,43 +154,21 @@ class Poison:
 
 
 def encode_entry(request_id: str, pixels: np.ndarray, top_k: int, probabilities: bool = False) -> list[Any]:
-    """The stream fields of one request, flat (field, value, ...); the enqueue script adds deadline_ms."""
+    """The stream fields of one request, flat (field, value, ...); the enqueue script adds the deadline."""
     h, w, c = pixels.shape
-    return ["v", PROTOCOL_VERSION, "id", request_id, "h", h, "w", w, "c", c, "top_k", top_k,
-            "probs", "1" if probabilities else "0", "data", np.ascontiguousarray(pixels).tobytes()]
+    return QueueEntry(request_id, h, w, c, top_k, np.ascontiguousarray(pixels).tobytes(), probabilities).to_wire()
 
 
 def decode_entry(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1) -> Request | Poison:
     """One stream entry -> a Request, or a Poison saying why it cannot be served (never raises)."""
-    raw_id = fields.get(b"id", b"")
-    request_id = raw_id.decode() if _REQUEST_ID.match(raw_id) else None
     try:
-        version = int(fields.get(b"v", b"1"))
-    except ValueError:
-        version = -1
-    if version not in SUPPORTED_VERSIONS:
-        reason = f"unsupported protocol version {fields.get(b'v', b'')[:16]!r} (this worker reads {sorted(SUPPORTED_VERSIONS)})"
-        return Poison(entry_id, reason, request_id, fields, deliveries)
-    if request_id is None:
-        return Poison(entry_id, f"missing or malformed request id {raw_id[:80]!r}", None, fields, deliveries)
-    try:
-        h, w, c = int(fields[b"h"]), int(fields[b"w"]), int(fields[b"c"])
-        if not (0 < h <= 4096 and 0 < w <= 4096 and c in (1, 3)):
-            raise ValueError(f"bad image shape {h}x{w}x{c}")
-        pixels = np.frombuffer(fields[b"data"], dtype=np.uint8).reshape(h, w, c)
-        return Request(
-            entry_id=entry_id,
-            request_id=request_id,
-            pixels=pixels,
-            top_k=int(fields[b"top_k"]),
-            deadline_ms=int(fields[b"deadline_ms"]),
-            deliveries=deliveries,
-            probabilities=fields.get(b"probs") == b"1",
-        )
-    except KeyError as exc:
-        return Poison(entry_id, f"missing field {exc.args[0]!r}", request_id, fields, deliveries)
-    except (ValueError, TypeError) as exc:
-        return Poison(entry_id, f"malformed entry: {str(exc)[:200]}", request_id, fields, deliveries)
+        entry = QueueEntry.from_wire(fields)
+    except EntryError as exc:
+        return Poison(entry_id, exc.reason, exc.request_id, fields, deliveries)
+    pixels = np.frombuffer(entry.data, dtype=np.uint8).reshape(entry.height, entry.width, entry.channels)
+    assert entry.deadline_ms is not None  # from_wire requires it
+    return Request(entry_id=entry_id, request_id=entry.request_id, pixels=pixels, top_k=entry.top_k,
+                   deadline_ms=entry.deadline_ms, deliveries=deliveries, probabilities=entry.probabilities)
 
 
 def connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
@@ -199,19 +181,6 @@ def connect(url: str, timeout_s: float = 2.0) -> redis.Redis:
         retry=Retry(NoBackoff(), 1),
         health_check_interval=15,
     )
-
-
-class Keys:
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.stream = f"{prefix}:requests"
-        self.workers = f"{prefix}:workers"
-        self.model = f"{prefix}:model"
-        self.arrivals = f"{prefix}:arrivals"
-        self.dead = f"{prefix}:dead"
-
-    def reply(self, request_id: str) -> str:
-        return f"{self.prefix}:reply:{request_id}"
 
 
 def ensure_group(client: redis.Redis, stream: str) -> None:
@@ -276,12 +245,20 @@ class WebQueue:
             raise QueueFull(f"queue holds {depth} requests (limit {self.max_queue})")
         return request_id
 
+    def wait_reply(self, request_id: str, timeout_s: float | None = None) -> Reply:
+        """The worker's Reply to one request; raises ReplyTimeout."""
+        return Reply.from_wire(self._wait_raw(request_id, timeout_s))
+
     def wait(self, request_id: str, timeout_s: float | None = None) -> dict[str, Any]:
+        """The reply as its JSON object (the wire shape of Reply)."""
+        return json.loads(self._wait_raw(request_id, timeout_s))
+
+    def _wait_raw(self, request_id: str, timeout_s: float | None) -> bytes:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         item = self.blocking.blpop([self.keys.reply(request_id)], timeout=max(timeout, 0.01))
         if item is None:
             raise ReplyTimeout(f"no result within {timeout:g} s")
-        return json.loads(item[1])
+        return item[1]
 
     def depth(self) -> int:
         return int(self.fast.xlen(self.keys.stream))
@@ -290,8 +267,13 @@ class WebQueue:
         return [m.decode() for m in self._live(keys=[self.keys.workers])]
 
     def model_info(self) -> dict[str, Any] | None:
+        """The ModelRecord the workers advertise, as its JSON object (None before any worker ran)."""
         raw = self.fast.get(self.keys.model)
         return json.loads(raw) if raw else None
+
+    def model_record(self) -> ModelRecord | None:
+        raw = self.fast.get(self.keys.model)
+        return ModelRecord.from_wire(raw) if raw else None
 
     def ensure_group(self) -> None:
         """Create the stream and the workers' group if missing: KEDA reads the group's lag to
@@ -318,8 +300,11 @@ class WorkerQueue:
     def ensure_group(self) -> None:
         ensure_group(self.redis, self.keys.stream)
 
-    def heartbeat(self, model_info: dict[str, Any] | None = None) -> None:
-        info = json.dumps(model_info) if model_info else ""
+    def heartbeat(self, model_info: ModelRecord | dict[str, Any] | None = None) -> None:
+        if isinstance(model_info, ModelRecord):
+            info = model_info.to_wire()
+        else:
+            info = json.dumps(model_info) if model_info else ""
         self._heartbeat(keys=[self.keys.workers, self.keys.model], args=[self.name, HEARTBEAT_TTL_S, info])
 
     def leave(self) -> None:
@@ -453,7 +438,7 @@ class WorkerQueue:
                 return decode_entry(claimed_id, fields, times)
         return None
 
-    def complete(self, results: list[tuple[Request, dict[str, Any] | None]], now_ms: int,
+    def complete(self, results: list[tuple[Request, Reply | dict[str, Any] | None]], now_ms: int,
                  dead: list[Poison] = ()) -> None:
         """Write replies and acknowledge, atomically: a request is either answered or still pending.
 
@@ -473,16 +458,16 @@ class WorkerQueue:
                           deliveries=poison.deliveries, data_bytes=len(poison.fields.get(b"data", b"")))
             pipe.xadd(self.keys.dead, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
             if poison.request_id is not None:
-                error = {"ok": False, "error": "The request could not be processed by the workers; retrying it "
-                         "will not help. Report it if it persists.", "reason": poison.reason}
+                error = Reply.failure("The request could not be processed by the workers; retrying it "
+                                      "will not help. Report it if it persists.", poison.reason)
                 self._reply(pipe, poison.request_id, error, 0)
             pipe.xack(self.keys.stream, GROUP, poison.entry_id)
         self._trim(keys=[self.keys.stream], args=[GROUP], client=pipe)
         pipe.execute()
 
-    def _reply(self, pipe: Any, request_id: str, reply: dict[str, Any], ttl_s: int) -> None:
+    def _reply(self, pipe: Any, request_id: str, reply: Reply | dict[str, Any], ttl_s: int) -> None:
         key = self.keys.reply(request_id)
-        pipe.rpush(key, json.dumps(reply))
+        pipe.rpush(key, reply.to_wire() if isinstance(reply, Reply) else json.dumps(reply))
         pipe.expire(key, ttl_s + REPLY_GRACE_S)
 
 

@@ -10,5 +10,5 @@ operator-crd: ## install/update the InferenceService CRD in the current kubeconf
 operator-run: venv operator-crd ## run the operator locally against the current kubeconfig (Ctrl-C stops it)
 	$(BIN)/inferstack-operator $(OPERATOR_ARGS)
 
-operator-test: venv ## operator unit + emulator end-to-end tests
-	$(BIN)/python -m pytest tests/operator -q
+operator-test: venv cluster-bin ## operator unit tests, then the operator on a real local control plane
+	$(BIN)/python -m pytest tests/operator tests/cluster -q

@@ -2,47 +2,30 @@
 
 from __future__ import annotations
 
-import io
 import os
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 import pytest
-from PIL import Image
 
+from tests.helpers import (  # noqa: F401 (digits_env, stack_log: older imports from here)
+    DIGIT_LABELS,
+    DIGIT_SIZE,
+    digit_images,
+    digits_env,
+    jpeg_bytes,
+    png_bytes,
+    stack_log,
+)
 from tools.devstack import LocalStack
+
+# The real Kubernetes control plane fixtures (tests/chart, tests/cluster).
+pytest_plugins = ("tests.kubeplane",)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The operator's timer interval is fixed when its handlers module is imported, and the chart
 # tests import it before tests/operator/ is collected: set the fast test interval here.
 os.environ["INFERSTACK_OPERATOR_RESYNC_SECONDS"] = "1"
-
-DIGIT_LABELS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-DIGIT_SIZE = 32
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def digit_images() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's handwritten digits as 32x32 RGB uint8 images, and their classes."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    gray = (digits.images / 16.0 * 255).round().astype(np.uint8)  # (n, 8, 8)
-    big = gray.repeat(DIGIT_SIZE // 8, axis=1).repeat(DIGIT_SIZE // 8, axis=2)
-    return np.stack([big] * 3, axis=-1), digits.target
-
 
 @pytest.fixture(scope="session")
 def digits_model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
@@ -101,26 +84,6 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..
     yield make
     for stack in stacks:
         stack.stop()
-
-
-def digits_env(model: dict[str, object], **extra: str) -> dict[str, str]:
-    env = {
-        "INFERSTACK_MODEL": str(model["path"]),
-        "INFERSTACK_LABELS": str(model["labels"]),
-        "INFERSTACK_WEB_PROCESSES": "2",
-        "INFERSTACK_WEB_THREADS": "16",
-        # auto would pick bf16 on CPUs with AMX; the exactness checks need fp32 everywhere.
-        "INFERSTACK_PRECISION": "fp32",
-    }
-    env.update(extra)
-    return env
-
-
-def stack_log(stack: LocalStack) -> str:
-    out = []
-    for f in sorted(Path(stack.log_dir).glob("*.log")):
-        out.append(f"--- {f.name}\n{f.read_text(errors='replace')[-3000:]}")
-    return "\n".join(out)
 
 
 @pytest.fixture(scope="module")

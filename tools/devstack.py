@@ -20,6 +20,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from inferstack.contract import http
+from inferstack.contract.settings import default as setting_default
+from inferstack.contract.settings import env_name
+
+REDIS_URL = env_name("redis_url")
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -63,9 +69,9 @@ class LocalStack:
         self.redis_port = redis_port or free_port()
         self.env = {k: v for k, v in os.environ.items()}
         self.env.update(env or {})
-        self.env["INFERSTACK_REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
-        self.env["INFERSTACK_PORT"] = str(self.port)
-        self.env.setdefault("INFERSTACK_HOST", "127.0.0.1")
+        self.env[REDIS_URL] = f"redis://127.0.0.1:{self.redis_port}/0"
+        self.env[env_name("port")] = str(self.port)
+        self.env.setdefault(env_name("host"), "127.0.0.1")
         self.log_dir = Path(log_dir or tempfile.mkdtemp(prefix="inferstack-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.quiet = quiet
@@ -121,7 +127,7 @@ class LocalStack:
         self._worker_seq += 1
         wenv = dict(self.env)
         wenv.update(env or {})
-        wenv.setdefault("INFERSTACK_WORKER_NAME", f"local-worker-{self._worker_seq}-{os.getpid()}")
+        wenv.setdefault(env_name("worker_name"), f"local-worker-{self._worker_seq}-{os.getpid()}")
         gpus = _gpu_count()
         if gpus and "CUDA_VISIBLE_DEVICES" not in wenv:
             # One worker process per GPU: each sees only its own device.
@@ -144,7 +150,7 @@ class LocalStack:
                 if proc is not None and proc.poll() is not None:
                     raise RuntimeError(f"a process exited early ({proc.args}); logs in {self.log_dir}")
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=2) as resp:
+                with urllib.request.urlopen(self.url + http.READYZ_PATH, timeout=2) as resp:
                     body = json.loads(resp.read())
                     if body.get("workers", 0) >= workers:
                         return
@@ -206,17 +212,18 @@ def weights_fallback_env(prog: str = "inferstack") -> dict[str, str]:
 
     Only for the local tooling (`make run`, `make loadtest`); the worker itself never falls back.
     """
-    if "INFERSTACK_WEIGHTS" in os.environ or os.environ.get("INFERSTACK_MODEL", "ResNet50") != "ResNet50":
+    weights, model = env_name("weights"), env_name("model")
+    if weights in os.environ or os.environ.get(model, setting_default("model")) != "ResNet50":
         return {}
     if _imagenet_weights_available():
         return {}
     print(
         f"{prog}: ImageNet weights are not cached and cannot be downloaded here; serving ResNet50 with "
-        "RANDOM weights (INFERSTACK_WEIGHTS=none): same speed, meaningless labels. Put the weights file in "
-        "~/.keras/models or set INFERSTACK_WEIGHTS=/path/to/weights.h5.",
+        f"RANDOM weights ({weights}=none): same speed, meaningless labels. Put the weights file in "
+        f"~/.keras/models or set {weights}=/path/to/weights.h5.",
         file=sys.stderr,
     )
-    return {"INFERSTACK_WEIGHTS": "none"}
+    return {weights: "none"}
 
 
 class _Stop(Exception):
@@ -228,15 +235,15 @@ def _announce_ready(stack: LocalStack, workers: int) -> None:
         stack.wait_ready(timeout_s=3600, workers=workers)
     except RuntimeError:
         return  # a process died; main() reports it
-    print(f"inferstack: ready. Try: curl -X POST -F image=@cat.jpg {stack.url}/predict", file=sys.stderr)
+    print(f"inferstack: ready. Try: curl -X POST -F image=@cat.jpg {stack.url}{http.PREDICT_PATH}", file=sys.stderr)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run redis-server, workers and the web API locally.")
     parser.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", "1")))
     args = parser.parse_args()
-    stack = LocalStack(port=int(os.environ.get("INFERSTACK_PORT", "5000")), redis_port=int(
-        os.environ.get("REDIS_PORT", "6379")), env=weights_fallback_env(), quiet=False)
+    stack = LocalStack(port=int(os.environ.get(env_name("port"), http.LOCAL_WEB_PORT)), redis_port=int(
+        os.environ.get("REDIS_PORT", http.REDIS_PORT)), env=weights_fallback_env(), quiet=False)
 
     def stop(_signum: int, _frame: object) -> None:
         raise _Stop
@@ -245,7 +252,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, stop)
     try:
         stack.start(workers=args.workers, wait=False)
-        print(f"inferstack: starting {args.workers} worker(s); API on {stack.url}/predict (Ctrl-C stops)",
+        print(f"inferstack: starting {args.workers} worker(s); API on {stack.url}{http.PREDICT_PATH} (Ctrl-C stops)",
               file=sys.stderr)
         threading.Thread(target=_announce_ready, args=(stack, args.workers), daemon=True).start()
         # Block until any of our processes exits (or a signal arrives): then stop the rest.

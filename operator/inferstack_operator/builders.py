@@ -13,7 +13,8 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from inferstack.config import Settings, web_memory_limit_bytes
+from inferstack.contract import http
+from inferstack.contract.settings import Settings, env_name, web_memory_limit_bytes
 from inferstack_operator import builders_autoscaling as autoscaling
 from inferstack_operator import credentials as cred
 from inferstack_operator.builders_security import (
@@ -25,10 +26,7 @@ from inferstack_operator.builders_security import (
 from inferstack_operator.config import AUTH_HASH_ANNOTATION, CONFIG_HASH_ANNOTATION, OperatorSettings
 from inferstack_operator.names import (
     REDIS,
-    REDIS_PORT,
     WEB,
-    WEB_METRICS_PORT,
-    WEB_PORT,
     WORKER,
     auth_secret_name,
     config_name,
@@ -104,9 +102,9 @@ def _spread(r: Resolved, component: str) -> list[dict[str, Any]]:
 def config_data(r: Resolved) -> dict[str, str]:
     """The environment both web and worker pods read (envFrom the ConfigMap); no secrets."""
     return {
-        "INFERSTACK_MAX_QUEUE": str(r.max_queue),
-        "INFERSTACK_TOP_K": str(r.top_k),
-        "INFERSTACK_MODEL_NAME": r.served_name,
+        env_name("max_queue"): str(r.max_queue),
+        env_name("top_k"): str(r.top_k),
+        env_name("model_name"): r.served_name,
     }
 
 
@@ -120,6 +118,11 @@ def merge_env(ours: list[EnvVar], user: tuple[Mapping[str, Any], ...], reserved:
     taken = {e["name"] for e in ours} | set(reserved)
     ignored = [e["name"] for e in user if e["name"] in taken]
     return ours + [dict(e) for e in user if e["name"] not in taken], ignored
+
+
+def _env(field: str, value: object) -> EnvVar:
+    """The env entry of a Settings field (names from the contract's settings table)."""
+    return {"name": env_name(field), "value": str(value)}
 
 
 def _secret_env(name: str, r: Resolved, key: str) -> EnvVar:
@@ -202,11 +205,11 @@ def build_config_map(r: Resolved, settings: OperatorSettings) -> Manifest:
 
 def web_env(r: Resolved) -> list[EnvVar]:
     return [
-        _secret_env("INFERSTACK_REDIS_URL", r, cred.WEB_URL_KEY),
-        {"name": "INFERSTACK_PORT", "value": str(WEB_PORT)},
-        {"name": "INFERSTACK_METRICS_PORT", "value": str(WEB_METRICS_PORT)},
-        {"name": "INFERSTACK_REQUEST_TIMEOUT_S", "value": str(r.request_timeout_s)},
-        {"name": "INFERSTACK_MAX_IMAGE_BYTES", "value": str(r.max_image_bytes)},
+        _secret_env(env_name("redis_url"), r, cred.WEB_URL_KEY),
+        _env("port", http.WEB_PORT),
+        _env("metrics_port", http.WEB_METRICS_PORT),
+        _env("request_timeout_s", r.request_timeout_s),
+        _env("max_image_bytes", r.max_image_bytes),
         {"name": "HOME", "value": "/tmp"},
     ]
 
@@ -218,16 +221,16 @@ def build_web_deployment(r: Resolved, settings: OperatorSettings) -> Manifest:
         "image": r.web.image or settings.web_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["inferstack-web"],
-        "ports": [{"name": "http", "containerPort": WEB_PORT, "protocol": "TCP"},
-                  {"name": "metrics", "containerPort": WEB_METRICS_PORT, "protocol": "TCP"}],
+        "ports": [{"name": http.HTTP_PORT_NAME, "containerPort": http.WEB_PORT, "protocol": "TCP"},
+                  {"name": http.METRICS_PORT_NAME, "containerPort": http.WEB_METRICS_PORT, "protocol": "TCP"}],
         "envFrom": [{"configMapRef": {"name": config_name(r.name)}}],
         "env": env,
         "readinessProbe": {
-            "httpGet": {"path": "/readyz", "port": "http"},
+            "httpGet": {"path": http.READYZ_PATH, "port": http.HTTP_PORT_NAME},
             "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3,
         },
         "livenessProbe": {
-            "httpGet": {"path": "/healthz", "port": "http"},
+            "httpGet": {"path": http.HEALTHZ_PATH, "port": http.HTTP_PORT_NAME},
             "initialDelaySeconds": 10, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3,
         },
         "resources": _merge_resources(
@@ -275,30 +278,26 @@ def ready_file(index: int) -> str:
 def worker_env(r: Resolved, index: int = 0) -> list[EnvVar]:
     """The environment of worker container ``index`` (one per GPU)."""
     env: list[EnvVar] = [
-        _secret_env("INFERSTACK_REDIS_URL", r, cred.WORKER_URL_KEY),
-        {"name": "INFERSTACK_MODEL", "value": _location_path(r.model) if r.model else r.model_name},
-        {"name": "INFERSTACK_WEIGHTS",
-         "value": _location_path(r.weights) if isinstance(r.weights, Location) else r.weights},
+        _secret_env(env_name("redis_url"), r, cred.WORKER_URL_KEY),
+        _env("model", _location_path(r.model) if r.model else r.model_name),
+        _env("weights", _location_path(r.weights) if isinstance(r.weights, Location) else r.weights),
     ]
     if r.labels:
-        env.append({"name": "INFERSTACK_LABELS", "value": _location_path(r.labels)})
+        env.append(_env("labels", _location_path(r.labels)))
     if r.runtime:
-        env.append({"name": "INFERSTACK_RUNTIME", "value": r.runtime})
+        env.append(_env("runtime", r.runtime))
     if r.precision:
-        env.append({"name": "INFERSTACK_PRECISION", "value": r.precision})
-    env += [
-        {"name": "INFERSTACK_BATCH_SIZE", "value": str(r.batch_size)},
-        {"name": "INFERSTACK_MAX_BATCH_DELAY_MS", "value": str(r.max_batch_delay_ms)},
-    ]
+        env.append(_env("precision", r.precision))
+    env += [_env("batch_size", r.batch_size), _env("max_batch_delay_ms", r.max_batch_delay_ms)]
     if index == 0:
-        env.append({"name": "INFERSTACK_WORKER_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
+        env.append({"name": env_name("worker_name"), "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})
     else:
         # Each container is its own Redis consumer: the pod name plus the GPU index.
         env += [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                {"name": "INFERSTACK_WORKER_NAME", "value": f"$(POD_NAME)-gpu{index}"}]
+                _env("worker_name", f"$(POD_NAME)-gpu{index}")]
     env += [
-        {"name": "INFERSTACK_READY_FILE", "value": ready_file(index)},
-        {"name": "INFERSTACK_METRICS_PORT", "value": str(autoscaling.METRICS_PORT + index)},
+        _env("ready_file", ready_file(index)),
+        _env("metrics_port", http.worker_metrics_port(index)),
         # KERAS_HOME stays the image's (weights baked at /opt/keras); the worker links them into
         # the writable cache Keras falls back to under HOME=/tmp.
         {"name": "HOME", "value": "/tmp"},
@@ -316,7 +315,7 @@ def _worker_container(r: Resolved, settings: OperatorSettings, index: int, resou
         "image": r.worker.image or (settings.worker_gpu_image if r.gpu else settings.worker_image),
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["inferstack-worker"],
-        "ports": [{"name": autoscaling.metrics_port_name(index), "containerPort": autoscaling.METRICS_PORT + index,
+        "ports": [{"name": http.worker_metrics_port_name(index), "containerPort": http.worker_metrics_port(index),
                    "protocol": "TCP"}],
         "envFrom": [{"configMapRef": {"name": config_name(r.name)}}],
         "env": env,
@@ -399,11 +398,10 @@ def redis_env(r: Resolved) -> list[EnvVar]:
     return [_secret_env("REDISCLI_AUTH", r, cred.HEALTH_PASSWORD_KEY)]
 
 
-def build_redis_statefulset(r: Resolved, settings: OperatorSettings) -> Manifest:
-    maxmemory, limit = redis_memory(r)
-    persistent = r.redis_storage is not None
+def redis_args(r: Resolved, maxmemory: int) -> list[str]:
+    """redis-server's command line: ACL users, memory cap, and persistence when storage is set."""
     args = [
-        "--port", str(REDIS_PORT),
+        "--port", str(http.REDIS_PORT),
         # Users and their rights from the Secret (the default user is off); protected mode stays on.
         "--aclfile", f"{ACL_DIR}/{cred.ACL_KEY}",
         "--protected-mode", "yes",
@@ -411,27 +409,30 @@ def build_redis_statefulset(r: Resolved, settings: OperatorSettings) -> Manifest
         "--maxmemory-policy", "noeviction",  # a queue must never drop requests silently
         "--dir", "/data",
     ]
-    if persistent:
-        args += ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
-    else:
-        args += ["--appendonly", "no", "--save", ""]
+    if r.redis_storage is not None:
+        return args + ["--appendonly", "yes", "--appendfsync", "everysec", "--save", ""]
+    return args + ["--appendonly", "no", "--save", ""]
+
+
+def _redis_container(r: Resolved, settings: OperatorSettings) -> dict[str, Any]:
+    maxmemory, limit = redis_memory(r)
     limit_mib = f"{-(-limit // 2**20)}Mi"
     resources = _merge_resources(
         {"requests": {"cpu": "100m", "memory": limit_mib}, "limits": {"memory": limit_mib}}, r.redis.resources)
     env, _ = merge_env(redis_env(r), r.redis.env)
-    container: dict[str, Any] = {
+    return {
         "name": "redis",
         "image": settings.redis_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["redis-server"],
-        "args": args,
-        "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
+        "args": redis_args(r, maxmemory),
+        "ports": [{"name": http.REDIS_PORT_NAME, "containerPort": http.REDIS_PORT, "protocol": "TCP"}],
         "readinessProbe": {
-            "exec": {"command": ["sh", "-c", f"redis-cli --user health -p {REDIS_PORT} ping | grep -q PONG"]},
+            "exec": {"command": ["sh", "-c", f"redis-cli --user health -p {http.REDIS_PORT} ping | grep -q PONG"]},
             "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3,
         },
         "livenessProbe": {
-            "tcpSocket": {"port": "redis"},
+            "tcpSocket": {"port": http.REDIS_PORT_NAME},
             "initialDelaySeconds": 10, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 6,
         },
         "resources": resources,
@@ -440,15 +441,38 @@ def build_redis_statefulset(r: Resolved, settings: OperatorSettings) -> Manifest
         "volumeMounts": [{"name": "data", "mountPath": "/data"},
                          {"name": "acl", "mountPath": ACL_DIR, "readOnly": True}],
     }
+
+
+def _redis_claim_template(r: Resolved) -> dict[str, Any]:
+    """The data volume's claim, when spec.redis.storage asks for persistence."""
+    claim_spec: dict[str, Any] = {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": r.redis_storage}},
+    }
+    if r.redis_storage_class:
+        claim_spec["storageClassName"] = r.redis_storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": "data", "labels": labels(r.name, REDIS)},
+        "spec": claim_spec,
+    }
+
+
+def build_redis_statefulset(r: Resolved, settings: OperatorSettings) -> Manifest:
+    # Readable by the redis group only (fsGroup), not world-readable.
+    volumes: list[dict[str, Any]] = [{"name": "acl", "secret": {
+        "secretName": auth_secret_name(r.name), "defaultMode": 0o440,
+        "items": [{"key": cred.ACL_KEY, "path": cred.ACL_KEY}]}}]
+    if r.redis_storage is None:
+        volumes.append({"name": "data", "emptyDir": {}})
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": _pod_security(REDIS_UID),
         "terminationGracePeriodSeconds": 30,
-        "containers": [container],
-        # Readable by the redis group only (fsGroup), not world-readable.
-        "volumes": [{"name": "acl", "secret": {"secretName": auth_secret_name(r.name), "defaultMode": 0o440,
-                                               "items": [{"key": cred.ACL_KEY, "path": cred.ACL_KEY}]}}],
+        "containers": [_redis_container(r, settings)],
+        "volumes": volumes,
     }
     spec: dict[str, Any] = {
         "replicas": 1,
@@ -457,21 +481,8 @@ def build_redis_statefulset(r: Resolved, settings: OperatorSettings) -> Manifest
         "updateStrategy": {"type": "RollingUpdate"},
         "template": _pod_template(r, REDIS, r.redis, pod_spec, hashed=False),
     }
-    if persistent:
-        claim_spec: dict[str, Any] = {
-            "accessModes": ["ReadWriteOnce"],
-            "resources": {"requests": {"storage": r.redis_storage}},
-        }
-        if r.redis_storage_class:
-            claim_spec["storageClassName"] = r.redis_storage_class
-        spec["volumeClaimTemplates"] = [{
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": {"name": "data", "labels": labels(r.name, REDIS)},
-            "spec": claim_spec,
-        }]
-    else:
-        pod_spec["volumes"].append({"name": "data", "emptyDir": {}})
+    if r.redis_storage is not None:
+        spec["volumeClaimTemplates"] = [_redis_claim_template(r)]
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -488,7 +499,8 @@ def build_redis_service(r: Resolved, settings: OperatorSettings) -> Manifest:
         "spec": {
             "clusterIP": "None",
             "selector": selector_labels(r.name, REDIS),
-            "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}],
+            "ports": [{"name": http.REDIS_PORT_NAME, "port": http.REDIS_PORT, "targetPort": http.REDIS_PORT_NAME,
+                       "protocol": "TCP"}],
         },
     }
 
@@ -504,7 +516,8 @@ def build_front_service(r: Resolved, settings: OperatorSettings) -> Manifest:
         "spec": {
             "type": r.service_type,
             "selector": selector_labels(r.name, WEB),
-            "ports": [{"name": "http", "port": r.service_port, "targetPort": "http", "protocol": "TCP"}],
+            "ports": [{"name": http.HTTP_PORT_NAME, "port": r.service_port, "targetPort": http.HTTP_PORT_NAME,
+                       "protocol": "TCP"}],
         },
     }
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from inferstack.contract import http, queue
 from inferstack_operator import credentials as cred
 from inferstack_operator.config import LABEL_COMPONENT, LABEL_INSTANCE, OperatorSettings
 from inferstack_operator.names import (
-    REDIS_PORT,
     WEB,
     WORKER,
     auth_secret_name,
@@ -32,14 +32,15 @@ Manifest = dict[str, Any]
 
 KEDA_API = "keda.sh/v1alpha1"
 MONITORING_API = "monitoring.coreos.com/v1"
-# The request stream and consumer group (inferstack/protocol.py: Keys(prefix).stream, GROUP).
-QUEUE_PREFIX = "inferstack"
-REQUEST_STREAM = f"{QUEUE_PREFIX}:requests"
-CONSUMER_GROUP = "workers"
-# Worker container i serves Prometheus metrics on METRICS_PORT + i (one process per GPU).
-METRICS_PORT = 9102
+# The request stream and consumer group the pods use (the default queue prefix).
+REQUEST_STREAM = queue.Keys().stream
+CONSUMER_GROUP = queue.GROUP
+METRICS_PORT = http.WORKER_METRICS_PORT  # re-exported for older imports
 # How often KEDA reads the lag: the wait before a zero-replica Deployment starts scaling up.
 POLLING_INTERVAL_S = 5
+SCRAPE_INTERVAL = "15s"
+
+
 def _meta(obj_name: str, r: Resolved, component: str) -> dict[str, Any]:
     return {"name": obj_name, "namespace": r.namespace, "labels": labels(r.name, component)}
 
@@ -70,7 +71,7 @@ def build_scaled_object(r: Resolved, settings: OperatorSettings) -> Manifest | N
     scaling = r.worker_autoscaling
     if scaling is None:
         return None
-    address = f"{redis_host(r.name, r.namespace, r.cluster_domain)}:{REDIS_PORT}"
+    address = f"{redis_host(r.name, r.namespace, r.cluster_domain)}:{http.REDIS_PORT}"
     return {
         "apiVersion": KEDA_API,
         "kind": "ScaledObject",
@@ -135,14 +136,17 @@ def _pod_monitor(r: Resolved, component: str, endpoints: list[dict[str, Any]]) -
     }
 
 
-def metrics_port_name(index: int) -> str:
-    return "metrics" if index == 0 else f"metrics-gpu{index}"
+metrics_port_name = http.worker_metrics_port_name  # re-exported for older imports
+
+
+def _scrape(port_name: str) -> dict[str, Any]:
+    return {"port": port_name, "path": http.METRICS_PATH, "interval": SCRAPE_INTERVAL}
 
 
 def build_web_pod_monitor(r: Resolved, settings: OperatorSettings) -> Manifest | None:
-    return _pod_monitor(r, WEB, [{"port": "http", "path": "/metrics", "interval": "15s"}])
+    # The web pods serve /metrics only on their metrics listener (INFERSTACK_METRICS_PORT).
+    return _pod_monitor(r, WEB, [_scrape(http.METRICS_PORT_NAME)])
 
 
 def build_worker_pod_monitor(r: Resolved, settings: OperatorSettings) -> Manifest | None:
-    return _pod_monitor(r, WORKER, [{"port": metrics_port_name(i), "path": "/metrics", "interval": "15s"}
-                                    for i in range(max(r.gpu, 1))])
+    return _pod_monitor(r, WORKER, [_scrape(http.worker_metrics_port_name(i)) for i in range(max(r.gpu, 1))])

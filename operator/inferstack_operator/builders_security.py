@@ -9,14 +9,13 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from inferstack.acl import acl_file
+from inferstack.contract import http, queue
+from inferstack.contract.acl import acl_file
 from inferstack_operator import credentials as cred
 from inferstack_operator.config import OperatorSettings
 from inferstack_operator.credentials import RedisAuth
 from inferstack_operator.names import (
-    QUEUE_PREFIX,
     REDIS,
-    REDIS_PORT,
     WEB,
     WORKER,
     auth_secret_name,
@@ -44,12 +43,12 @@ def secret_data(r: Resolved) -> dict[str, str]:
     auth = auth_of(r)
     host = redis_host(r.name, r.namespace, r.cluster_domain)
     return {
-        cred.WEB_URL_KEY: f"redis://web:{auth.web}@{host}:{REDIS_PORT}/0",
-        cred.WORKER_URL_KEY: f"redis://worker:{auth.worker}@{host}:{REDIS_PORT}/0",
+        cred.WEB_URL_KEY: f"redis://web:{auth.web}@{host}:{http.REDIS_PORT}/0",
+        cred.WORKER_URL_KEY: f"redis://worker:{auth.worker}@{host}:{http.REDIS_PORT}/0",
         cred.KEDA_USERNAME_KEY: "keda",
         cred.KEDA_PASSWORD_KEY: auth.keda,
         cred.HEALTH_PASSWORD_KEY: auth.health,
-        cred.ACL_KEY: acl_file(auth.users(), QUEUE_PREFIX),
+        cred.ACL_KEY: acl_file(auth.users(), queue.DEFAULT_PREFIX),
     }
 
 
@@ -88,11 +87,11 @@ def build_redis_network_policy(r: Resolved, settings: OperatorSettings) -> Manif
     peers = [_pods(r, WEB), _pods(r, WORKER)]
     if r.keda_reaches_redis:
         peers.append({"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: settings.keda_namespace}}})
-    return _ingress_policy(r, redis_name(r.name), REDIS, peers, REDIS_PORT)
+    return _ingress_policy(r, redis_name(r.name), REDIS, peers, http.REDIS_PORT)
 
 
 def build_web_network_policy(r: Resolved, settings: OperatorSettings) -> Manifest | None:
     """Only with ``spec.networkPolicy.web``: the web port takes connections from those peers only."""
     if r.web_ingress_from is None:
         return None
-    return _ingress_policy(r, web_name(r.name), WEB, [dict(p) for p in r.web_ingress_from], "http")
+    return _ingress_policy(r, web_name(r.name), WEB, [dict(p) for p in r.web_ingress_from], http.HTTP_PORT_NAME)

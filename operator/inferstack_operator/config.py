@@ -28,7 +28,6 @@ GROUP = "inferstack.dev"
 VERSION = "v1alpha1"
 PLURAL = "inferenceservices"
 KIND = "InferenceService"
-API_VERSION = f"{GROUP}/{VERSION}"
 
 # Identifies this operator as the owner of fields (server-side apply) and of objects (labels).
 FIELD_MANAGER = "inferstack-operator"
@@ -82,7 +81,7 @@ NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 DOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 # kind -> (API group, version, plural) of everything the operator reads or writes; the client
-# builds its URLs from this, the emulator tests and RBAC rules check against it.
+# builds its URLs from this; the RBAC rules and the real-cluster tests check against it.
 RESOURCES: dict[str, tuple[str, str, str]] = {
     "ConfigMap": ("", "v1", "configmaps"),
     "Service": ("", "v1", "services"),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
-from inferstack.acl import HEALTH, KEDA, WEB, WORKER
+from inferstack.contract.acl import HEALTH, KEDA, WEB, WORKER
 
 # Secret keys (the contract with the autoscaling TriggerAuthentication and the pods).
 WEB_URL_KEY = "web-url"

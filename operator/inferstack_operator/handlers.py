@@ -64,6 +64,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # Re-list now and then even if a watch silently stalls.
     settings.watching.server_timeout = 600
     settings.watching.client_timeout = 660
+    # A resync running when its resource is deleted must not hold the finalizer for kopf's default
+    # minute: kopf re-checks a timer it could not stop at once after this many seconds.
+    settings.background.cancellation_polling = 2
+    # Serving named namespaces needs nothing cluster-scoped: no CRD or namespace scanning (kopf
+    # then serves exactly those namespaces and the resources discovered at start).
+    settings.scanning.disabled = bool(SETTINGS.watch_namespaces)
     if "kube" not in memo:
         memo.kube = KubeClient()
     memo.locks = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from inferstack.contract import http, queue
 from inferstack_operator.config import (
     APP_NAME,
     LABEL_COMPONENT,
@@ -15,12 +16,12 @@ from inferstack_operator.config import (
 WEB = "web"
 WORKER = "worker"
 REDIS = "redis"
-WEB_PORT = 8080
-REDIS_PORT = 6379
-# The web pods' /metrics listener: off the public port, so the Service never exposes it.
-WEB_METRICS_PORT = 9090
+# Re-exported from the contract (older imports of these names keep working).
+WEB_PORT = http.WEB_PORT
+REDIS_PORT = http.REDIS_PORT
+WEB_METRICS_PORT = http.WEB_METRICS_PORT
 # The data plane's Redis key prefix (its INFERSTACK_QUEUE_PREFIX default): the ACL grants these keys.
-QUEUE_PREFIX = "inferstack"
+QUEUE_PREFIX = queue.DEFAULT_PREFIX
 
 
 def web_name(name: str) -> str:

@@ -1,9 +1,9 @@
 """Exactly which API calls the operator makes: the source for the chart's ClusterRole.
 
 ``RULES`` is in ClusterRole ``rules`` form. With ``--namespace`` (namespaced mode) the same
-rules work in a Role per namespace, except the cluster-scoped ones marked below
-(CustomResourceDefinitions, and Namespaces which kopf lists only in namespaced mode to
-resolve namespace patterns). The tests check every request the operator sends against this.
+rules go into a Role per namespace, without the cluster-scoped one marked below: kopf then
+scans no CRDs or namespaces, so the operator needs nothing cluster-scoped. The tests check
+every request the operator sends against this, on a real API server (its audit log).
 """
 
 from __future__ import annotations
@@ -39,18 +39,17 @@ RULES: list[dict[str, Any]] = [
     # pvc:// model locations must exist before the worker is created.
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
     # Why pods of a workload are not ready (Unschedulable, image pulls, crash loops), for status.
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
     # kopf.info()/kopf.warn() and kopf's own handler events.
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
-    # kopf scans and watches CRDs to notice the InferenceService CRD appear/disappear (cluster-scoped).
+    # Cluster-wide mode only: kopf lists and watches CRDs to notice the InferenceService CRD
+    # appear or go (cluster-scoped; namespaced mode turns this scanning off).
     {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"],
-     "verbs": ["get", "list", "watch"]},
-    # kopf lists/watches namespaces only with --namespace patterns (cluster-scoped).
-    {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get", "list", "watch"]},
+     "verbs": ["list", "watch"]},
 ]
 
 # Rules that cannot go into a namespaced Role.
-CLUSTER_SCOPED_RESOURCES = frozenset({"customresourcedefinitions", "namespaces"})
+CLUSTER_SCOPED_RESOURCES = frozenset({"customresourcedefinitions"})
 
 
 def allows(group: str, resource: str, verb: str, rules: list[dict[str, Any]] | None = None) -> bool:

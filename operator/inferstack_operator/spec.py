@@ -16,7 +16,8 @@ from typing import Any
 
 from kubernetes.utils import parse_quantity
 
-from inferstack.config import PRECISIONS, RUNTIMES
+from inferstack.contract.settings import PRECISIONS, RUNTIMES
+from inferstack.contract.settings import default as setting_default
 from inferstack_operator import names
 from inferstack_operator.credentials import RedisAuth
 from inferstack_operator.reasons import SpecError
@@ -346,20 +347,26 @@ def check_images(r: Resolved, allowed_prefixes: tuple[str, ...]) -> None:
                             f"{' or '.join(repr(p) for p in allowed_prefixes)}")
 
 
-def resolve(name: str, namespace: str, spec: Mapping[str, Any] | None,
-            cluster_domain: str = "cluster.local") -> Resolved:
-    """Defaults and cross-field checks for one InferenceService; raises ``SpecError``."""
+# Spec defaults that are also process settings: one value, from the contract's settings table.
+DEFAULT_MODEL: str = setting_default("model")
+DEFAULT_WEIGHTS: str = setting_default("weights")
+DEFAULT_TOP_K: int = setting_default("top_k")
+DEFAULT_REQUEST_TIMEOUT_S = int(setting_default("request_timeout_s"))
+DEFAULT_MAX_IMAGE_BYTES: int = setting_default("max_image_bytes")
+DEFAULT_BATCH_SIZE: int = setting_default("batch_size")
+DEFAULT_MAX_BATCH_DELAY_MS = int(setting_default("max_batch_delay_ms"))
+DEFAULT_MAX_QUEUE: int = setting_default("max_queue")
+SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer")
+
+
+def _check_name(name: str) -> None:
     if len(name) > MAX_NAME_LENGTH or not DNS_LABEL.match(name):
         raise SpecError(f"metadata.name {name!r} must be at most {MAX_NAME_LENGTH} characters of lowercase "
                         f"letters, digits and '-', starting with a letter (it names Services and pods)")
-    spec = spec or {}
-    model = _section(spec, "model")
-    web = _section(spec, "web")
-    worker = _section(spec, "worker")
-    redis = _section(spec, "redis")
-    service = _section(spec, "service")
 
-    model_name = _str(model, "name", "spec.model", "ResNet50") or "ResNet50"
+
+def _model_fields(model: Mapping[str, Any]) -> dict[str, Any]:
+    """spec.model: what the workers load, and how."""
     uri = _str(model, "uri", "spec.model")
     labels = _str(model, "labels", "spec.model")
     model_loc = parse_location(uri, "spec.model.uri") if uri else None
@@ -367,20 +374,59 @@ def resolve(name: str, namespace: str, spec: Mapping[str, Any] | None,
     if model_loc and not labels_loc:
         raise SpecError("spec.model.uri is a custom model, so spec.model.labels is required: point it at a "
                         "labels file (one class name per line, in output order), e.g. pvc://models/labels.txt")
-    weights_raw = _str(model, "weights", "spec.model", "imagenet") or "imagenet"
+    weights_raw = _str(model, "weights", "spec.model", DEFAULT_WEIGHTS) or DEFAULT_WEIGHTS
     weights: str | Location = weights_raw
     if weights_raw not in ("imagenet", "none"):
         weights = parse_location(weights_raw, "spec.model.weights")
+    return {
+        "model_name": _str(model, "name", "spec.model", DEFAULT_MODEL) or DEFAULT_MODEL,
+        "model": model_loc,
+        "weights": weights,
+        "labels": labels_loc,
+        "top_k": _int(model, "topK", "spec.model", DEFAULT_TOP_K, 1, 1000),
+        "runtime": _choice(model, "runtime", "spec.model", RUNTIMES),
+        "precision": _choice(model, "precision", "spec.model", PRECISIONS),
+    }
 
-    worker_options = _pod_options(worker, "spec.worker", runtime_class=True)
+
+def _web_fields(web: Mapping[str, Any]) -> dict[str, Any]:
+    """spec.web: the gunicorn tier."""
+    return {
+        "web_replicas": _int(web, "replicas", "spec.web", 2, 0, 1000),
+        "request_timeout_s": _int(web, "requestTimeoutSeconds", "spec.web", DEFAULT_REQUEST_TIMEOUT_S, 1, 3600),
+        "max_image_bytes": _int(web, "maxImageBytes", "spec.web", DEFAULT_MAX_IMAGE_BYTES, 1024, 100 * 1024 * 1024),
+        "web": _pod_options(web, "spec.web"),
+        "web_autoscaling": _web_autoscaling(web),
+    }
+
+
+def _worker_fields(worker: Mapping[str, Any]) -> dict[str, Any]:
+    """spec.worker: the batching model servers."""
+    options = _pod_options(worker, "spec.worker", runtime_class=True)
     for part in ("limits", "requests"):
-        if GPU_RESOURCE in (worker_options.resources.get(part) or {}):
+        if GPU_RESOURCE in (options.resources.get(part) or {}):
             raise SpecError(f"spec.worker.resources.{part} sets {GPU_RESOURCE}; set spec.worker.gpu instead "
                             f"(0 runs the CPU worker image)")
     tolerations = worker.get("tolerations") or []
     if not isinstance(tolerations, list) or not all(isinstance(t, Mapping) for t in tolerations):
         raise SpecError("spec.worker.tolerations must be a list of Pod tolerations")
+    batch_size = _int(worker, "batchSize", "spec.worker", DEFAULT_BATCH_SIZE, 1, 1024)
+    return {
+        "worker_replicas": _int(worker, "replicas", "spec.worker", 1, 0, 1000),
+        "batch_size": batch_size,
+        "max_batch_delay_ms": _int(worker, "maxBatchDelayMs", "spec.worker", DEFAULT_MAX_BATCH_DELAY_MS, 0, 10000),
+        "gpu": _int(worker, "gpu", "spec.worker", 1, 0, 16),
+        "worker_grace_s": _int(worker, "terminationGracePeriodSeconds", "spec.worker", 60, 10, 3600),
+        "node_selector": _string_map(worker, "nodeSelector", "spec.worker"),
+        "tolerations": tuple(dict(t) for t in tolerations),
+        "worker": options,
+        "keda_reaches_redis": worker.get("autoscaling") is not None,
+        "worker_autoscaling": _worker_autoscaling(worker, batch_size),
+    }
 
+
+def _redis_fields(redis: Mapping[str, Any]) -> dict[str, Any]:
+    """spec.redis: the queue's size and storage."""
     storage = _str(redis, "storage", "spec.redis")
     if storage is not None:
         try:
@@ -388,43 +434,38 @@ def resolve(name: str, namespace: str, spec: Mapping[str, Any] | None,
                 raise ValueError(storage)
         except ValueError:
             raise SpecError(f"spec.redis.storage must be a positive size such as 1Gi, got {storage!r}") from None
+    return {
+        "redis_storage": storage,
+        "redis_storage_class": _str(redis, "storageClassName", "spec.redis"),
+        "max_queue": _int(redis, "maxQueue", "spec.redis", DEFAULT_MAX_QUEUE, 1, 1_000_000),
+        "redis": _pod_options(redis, "spec.redis", image=False),  # the operator's Redis image only
+    }
 
-    service_type = _choice(service, "type", "spec.service", ("ClusterIP", "NodePort", "LoadBalancer")) or "ClusterIP"
 
+def _service_fields(service: Mapping[str, Any]) -> dict[str, Any]:
+    """spec.service: the front door."""
+    return {
+        "service_type": _choice(service, "type", "spec.service", SERVICE_TYPES) or "ClusterIP",
+        "service_port": _int(service, "port", "spec.service", 80, 1, 65535),
+        "service_annotations": _string_map(service, "annotations", "spec.service"),
+    }
+
+
+def resolve(name: str, namespace: str, spec: Mapping[str, Any] | None,
+            cluster_domain: str = "cluster.local") -> Resolved:
+    """Defaults and cross-field checks for one InferenceService; raises ``SpecError``."""
+    _check_name(name)
+    spec = spec or {}
     return Resolved(
         name=name,
         namespace=namespace,
         cluster_domain=cluster_domain,
-        model_name=model_name,
-        model=model_loc,
-        weights=weights,
-        labels=labels_loc,
-        top_k=_int(model, "topK", "spec.model", 5, 1, 1000),
-        runtime=_choice(model, "runtime", "spec.model", RUNTIMES),
-        precision=_choice(model, "precision", "spec.model", PRECISIONS),
-        web_replicas=_int(web, "replicas", "spec.web", 2, 0, 1000),
-        request_timeout_s=_int(web, "requestTimeoutSeconds", "spec.web", 30, 1, 3600),
-        max_image_bytes=_int(web, "maxImageBytes", "spec.web", 10 * 1024 * 1024, 1024, 100 * 1024 * 1024),
-        worker_replicas=_int(worker, "replicas", "spec.worker", 1, 0, 1000),
-        batch_size=_int(worker, "batchSize", "spec.worker", 32, 1, 1024),
-        max_batch_delay_ms=_int(worker, "maxBatchDelayMs", "spec.worker", 5, 0, 10000),
-        gpu=_int(worker, "gpu", "spec.worker", 1, 0, 16),
-        worker_grace_s=_int(worker, "terminationGracePeriodSeconds", "spec.worker", 60, 10, 3600),
-        node_selector=_string_map(worker, "nodeSelector", "spec.worker"),
-        tolerations=tuple(dict(t) for t in tolerations),
-        redis_storage=storage,
-        redis_storage_class=_str(redis, "storageClassName", "spec.redis"),
-        max_queue=_int(redis, "maxQueue", "spec.redis", 1000, 1, 1_000_000),
-        service_type=service_type,
-        service_port=_int(service, "port", "spec.service", 80, 1, 65535),
-        service_annotations=_string_map(service, "annotations", "spec.service"),
+        **_model_fields(_section(spec, "model")),
+        **_web_fields(_section(spec, "web")),
+        **_worker_fields(_section(spec, "worker")),
+        **_redis_fields(_section(spec, "redis")),
+        **_service_fields(_section(spec, "service")),
         image_pull_secrets=_pull_secrets(spec),
-        web=_pod_options(web, "spec.web"),
-        worker=worker_options,
-        redis=_pod_options(redis, "spec.redis", image=False),  # the operator's Redis image only
         web_ingress_from=_web_ingress(spec),
-        keda_reaches_redis=worker.get("autoscaling") is not None,
-        worker_autoscaling=_worker_autoscaling(worker, _int(worker, "batchSize", "spec.worker", 32, 1, 1024)),
-        web_autoscaling=_web_autoscaling(web),
         monitoring=_monitoring(spec),
     )

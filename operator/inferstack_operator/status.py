@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from inferstack_operator import reasons
@@ -142,60 +143,14 @@ def compute_status(
     """
     prev_conditions = list((previous or {}).get("conditions") or [])
     if resolved is None:
-        reason, message = problem or (reasons.INVALID_SPEC, "the spec cannot be served")
-        return {
-            "observedGeneration": generation,
-            "conditions": [
-                condition(prev_conditions, READY, False, reason, message, generation, now),
-                *[c for c in prev_conditions if c.get("type") != READY],
-            ],
-        }
-    children = children or {}
-    web_ready, worker_ready = ready_replicas(children.get(WEB)), ready_replicas(children.get(WORKER))
-    redis_ready = ready_replicas(children.get(REDIS)) >= 1
-    desired = desired_replicas(resolved, children)
-    web_ok = web_ready >= desired[WEB]
-    worker_ok = worker_ready >= desired[WORKER]
-    idle = resolved.worker_autoscaling is not None and desired[WORKER] == 0
-
-    if problem:
-        reason, message = problem
-        ready = False
-    elif (resolved.web_autoscaling is None and resolved.web_replicas == 0) or \
-            (resolved.worker_autoscaling is None and resolved.worker_replicas == 0):
-        ready, reason = False, reasons.SCALED_TO_ZERO
-        message = "spec.web.replicas and spec.worker.replicas must both be above 0 to serve requests"
-    elif web_ok and worker_ok and redis_ready:
-        ready, reason = True, reasons.ALL_REPLICAS_READY
-        workers = "workers scaled to zero (a queued request starts one)" if idle \
-            else f"{worker_ready} worker pods ready"
-        message = f"{web_ready} web pods ready, {workers}; serving {resolved.model_display}"
-    else:
-        ready, reason = False, reasons.PROGRESSING
-        waiting = []
-        if not redis_ready:
-            waiting.append("Redis")
-        if not worker_ok:
-            waiting.append(f"workers ({worker_ready}/{desired[WORKER]} ready)")
-        if not web_ok:
-            waiting.append(f"web ({web_ready}/{desired[WEB]} ready)")
-        message = "waiting for " + ", ".join(waiting)
-        stuck = [text for component in (WORKER, WEB, REDIS) for text in pod_problems((pods or {}).get(component, ()))]
-        if stuck:
-            reason = reasons.PODS_FAILING
-            message += ": " + "; ".join(stuck[:MAX_POD_MESSAGES])
+        return _unresolved_status(generation, prev_conditions, problem, now)
+    counts = _counts(resolved, children or {})
+    ready, reason, message = _readiness(resolved, counts, problem, pods or {})
     if notes:
         message += " (note: " + "; ".join(notes) + ")"
-
-    available = web_ready >= 1 and redis_ready and (worker_ready >= 1 or idle)
     conditions = [
         condition(prev_conditions, READY, ready, reason, message, generation, now),
-        condition(prev_conditions, AVAILABLE, available,
-                  reasons.MINIMUM_REPLICAS_READY if available else reasons.NO_SERVING_PATH,
-                  ("web and Redis are ready; requests queue until KEDA starts a worker" if worker_ready == 0
-                   else "at least one web, worker and Redis pod is ready") if available
-                  else "no complete web -> Redis -> worker path is ready yet",
-                  generation, now),
+        _available_condition(prev_conditions, counts, generation, now),
     ]
     if autoscaling is not None:
         conditions.append(condition(prev_conditions, AUTOSCALING, *autoscaling, generation, now))
@@ -205,11 +160,99 @@ def compute_status(
         "observedGeneration": generation,
         "url": resolved.url,
         "model": resolved.model_display,
-        "web": _replicas(web_ready, desired[WEB]),
-        "worker": _replicas(worker_ready, desired[WORKER]),
-        "redis": {"ready": redis_ready},
+        "web": _replicas(counts.web_ready, counts.desired[WEB]),
+        "worker": _replicas(counts.worker_ready, counts.desired[WORKER]),
+        "redis": {"ready": counts.redis_ready},
         "conditions": conditions,
     }
+
+
+@dataclass(frozen=True)
+class _Counts:
+    """Ready pods per tier against what the spec (or its autoscaler) wants."""
+
+    web_ready: int
+    worker_ready: int
+    redis_ready: bool
+    desired: Mapping[str, int]
+    idle: bool  # autoscaled workers at zero: a queued request starts one
+
+    @property
+    def web_ok(self) -> bool:
+        return self.web_ready >= self.desired[WEB]
+
+    @property
+    def worker_ok(self) -> bool:
+        return self.worker_ready >= self.desired[WORKER]
+
+
+def _counts(resolved: Resolved, children: Mapping[str, Mapping[str, Any] | None]) -> _Counts:
+    desired = desired_replicas(resolved, children)
+    return _Counts(
+        web_ready=ready_replicas(children.get(WEB)),
+        worker_ready=ready_replicas(children.get(WORKER)),
+        redis_ready=ready_replicas(children.get(REDIS)) >= 1,
+        desired=desired,
+        idle=resolved.worker_autoscaling is not None and desired[WORKER] == 0,
+    )
+
+
+def _unresolved_status(generation: int | None, prev_conditions: list[Mapping[str, Any]],
+                       problem: tuple[str, str] | None, now: str | None) -> dict[str, Any]:
+    """A spec that cannot be served: only the Ready condition changes."""
+    reason, message = problem or (reasons.INVALID_SPEC, "the spec cannot be served")
+    return {
+        "observedGeneration": generation,
+        "conditions": [
+            condition(prev_conditions, READY, False, reason, message, generation, now),
+            *[c for c in prev_conditions if c.get("type") != READY],
+        ],
+    }
+
+
+def _readiness(resolved: Resolved, counts: _Counts, problem: tuple[str, str] | None,
+               pods: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[bool, str, str]:
+    """(ready, reason, message) of the Ready condition."""
+    if problem:
+        return False, *problem
+    if (resolved.web_autoscaling is None and resolved.web_replicas == 0) or \
+            (resolved.worker_autoscaling is None and resolved.worker_replicas == 0):
+        return (False, reasons.SCALED_TO_ZERO,
+                "spec.web.replicas and spec.worker.replicas must both be above 0 to serve requests")
+    if counts.web_ok and counts.worker_ok and counts.redis_ready:
+        workers = "workers scaled to zero (a queued request starts one)" if counts.idle \
+            else f"{counts.worker_ready} worker pods ready"
+        return (True, reasons.ALL_REPLICAS_READY,
+                f"{counts.web_ready} web pods ready, {workers}; serving {resolved.model_display}")
+    return (False, *_waiting(counts, pods))
+
+
+def _waiting(counts: _Counts, pods: Mapping[str, Sequence[Mapping[str, Any]]]) -> tuple[str, str]:
+    """(reason, message) while pods are missing: what we wait for, and why pods fail if they do."""
+    waiting = []
+    if not counts.redis_ready:
+        waiting.append("Redis")
+    if not counts.worker_ok:
+        waiting.append(f"workers ({counts.worker_ready}/{counts.desired[WORKER]} ready)")
+    if not counts.web_ok:
+        waiting.append(f"web ({counts.web_ready}/{counts.desired[WEB]} ready)")
+    message = "waiting for " + ", ".join(waiting)
+    stuck = [text for component in (WORKER, WEB, REDIS) for text in pod_problems(pods.get(component, ()))]
+    if stuck:
+        return reasons.PODS_FAILING, message + ": " + "; ".join(stuck[:MAX_POD_MESSAGES])
+    return reasons.PROGRESSING, message
+
+
+def _available_condition(prev_conditions: list[Mapping[str, Any]], counts: _Counts, generation: int | None,
+                         now: str | None) -> dict[str, Any]:
+    """Available: one complete web -> Redis -> worker path (or idle workers KEDA will start)."""
+    available = counts.web_ready >= 1 and counts.redis_ready and (counts.worker_ready >= 1 or counts.idle)
+    if not available:
+        return condition(prev_conditions, AVAILABLE, False, reasons.NO_SERVING_PATH,
+                         "no complete web -> Redis -> worker path is ready yet", generation, now)
+    message = ("web and Redis are ready; requests queue until KEDA starts a worker" if counts.worker_ready == 0
+               else "at least one web, worker and Redis pod is ready")
+    return condition(prev_conditions, AVAILABLE, True, reasons.MINIMUM_REPLICAS_READY, message, generation, now)
 
 
 def status_changed(current: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:

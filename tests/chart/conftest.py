@@ -1,25 +1,23 @@
-"""Render the chart once per session through helm-sdkpy (see helm_driver.py) and share the results."""
+"""Install every case of the chart once per session, for real (helm-sdkpy into the test control plane)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.kubeplane import Kube, helm
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "inferstack"
 CHART_CRD = CHART / "crds" / "inferenceservices.inferstack.dev.yaml"
 OPERATOR_CRD = REPO / "operator" / "inferstack_operator" / "crd.yaml"
-DRIVER = Path(__file__).resolve().parents[2] / "tools" / "helm_driver.py"
-# make's `.venv-helm/.stamp` target builds it; INFERSTACK_HELM_PYTHON points elsewhere.
-HELM_PYTHON = Path(os.environ.get("INFERSTACK_HELM_PYTHON", REPO / ".venv-helm" / "bin" / "python"))
+# The session's operator release (tests/kubeplane.py) lives beside these, under another name.
 NAMESPACE = "inferstack-system"
+RELEASE = "inferstack"
 
-# Every case is rendered by a real `helm install` (into a fake API server) in one subprocess.
+# Every case is a real `helm install` into the test control plane, uninstalled after.
 CASES: dict[str, dict] = {
     "default": {},
     "sample": {"sample": {"enabled": True, "name": "resnet",
@@ -69,32 +67,36 @@ TEMPLATE_FAILURES: dict[str, tuple[dict, str]] = {
 }
 
 
-def helm_python() -> Path:
-    if not HELM_PYTHON.exists():
-        # Fail, never skip: a missing venv would silently drop the chart checks in CI.
-        pytest.fail(
-            f"{HELM_PYTHON} not found: the chart tests drive Helm through helm-sdkpy in a Python 3.12 venv. "
-            "Create it with `make .venv-helm/.stamp` (or set INFERSTACK_HELM_PYTHON).",
-            pytrace=False,
-        )
-    return HELM_PYTHON
+def _install_and_check(kube: Kube, values: dict, tmp: Path) -> dict:
+    """One real `helm install` into the control plane: its manifest and notes, which objects the
+    API server then holds, and the uninstall (waited for, so the next case can reuse the names)."""
+    for ns in values.get("watchNamespaces", []):  # Roles go into namespaces that exist
+        if kube.get("Namespace", None, ns) is None:
+            kube.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
+    steps = [{"action": "install", "release": RELEASE, "namespace": NAMESPACE, "chart": str(CHART), "values": values}]
+    (out,) = helm({"steps": steps}, kube, tmp)["steps"]
+    if out["error"] is None:
+        out["found"] = [(o["kind"], o["metadata"]["name"]) for o in objects(out["manifest"])
+                        if kube.get(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) is not None]
+        (gone,) = helm({"steps": [{"action": "uninstall", "release": RELEASE, "namespace": NAMESPACE,
+                                   "wait": True}]}, kube, tmp)["steps"]
+        assert gone["error"] is None, gone["error"]
+    return out
 
 
-def run_driver(job: dict, tmp: Path) -> dict:
-    env = {
-        **os.environ,
-        "HELM_DRIVER": "memory",  # keep releases in memory: nothing to store, no Secrets
-        "HELM_CACHE_HOME": str(tmp / "cache"),
-        "HELM_CONFIG_HOME": str(tmp / "config"),
-        "HELM_DATA_HOME": str(tmp / "data"),
-    }
-    env.pop("KUBECONFIG", None)
-    proc = subprocess.run(
-        [str(helm_python()), str(DRIVER)], input=json.dumps(job), capture_output=True, text=True,
-        env=env, timeout=120, cwd=tmp,
-    )
-    assert proc.returncode == 0, f"helm driver failed:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout)
+@pytest.fixture(scope="session")
+def helm_report(control_plane: Kube, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Lint once, then every case as a real install into the test control plane (tests/kubeplane.py)."""
+    tmp = tmp_path_factory.mktemp("helm")
+    report = helm({"lint": [str(CHART)]}, control_plane, tmp)
+    report["cases"] = {name: _install_and_check(control_plane, values, tmp) for name, values in CASES.items()}
+    # Refused values never reach the API server: one driver run for all of them.
+    refused = {f"bad:{n}": v for n, (v, _) in BAD_VALUES.items()} | \
+        {f"fail:{n}": v for n, (v, _) in TEMPLATE_FAILURES.items()}
+    steps = [{"action": "install", "release": RELEASE, "namespace": NAMESPACE, "chart": str(CHART), "values": v}
+             for v in refused.values()]
+    report["cases"].update(zip(refused, helm({"steps": steps}, control_plane, tmp)["steps"]))
+    return report
 
 
 def objects(manifest: str) -> list[dict]:
@@ -102,28 +104,13 @@ def objects(manifest: str) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def helm_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    names = list(CASES) + [f"bad:{n}" for n in BAD_VALUES] + [f"fail:{n}" for n in TEMPLATE_FAILURES]
-    values = (list(CASES.values()) + [v for v, _ in BAD_VALUES.values()]
-              + [v for v, _ in TEMPLATE_FAILURES.values()])
-    tmp = tmp_path_factory.mktemp("helm")
-    report = run_driver({
-        "lint": [str(CHART)],
-        "render": [{"release": "inferstack", "namespace": NAMESPACE, "chart": str(CHART), "values": v}
-                   for v in values],
-    }, tmp)
-    report["cases"] = dict(zip(names, report["render"]))
-    return report
-
-
-@pytest.fixture(scope="session")
 def rendered(helm_report: dict) -> dict[str, dict]:
-    """Case name -> {"objects": [...], "notes": str, "posted": [...]} for the good cases."""
+    """Case name -> {"objects": [...], "notes": str, "found": [(kind, name)...]} for the good cases."""
     out = {}
     for name in CASES:
         case = helm_report["cases"][name]
         assert case["error"] is None, f"{name}: helm install failed: {case['error']}"
-        out[name] = {"objects": objects(case["manifest"]), "notes": case["notes"], "posted": case["posted"]}
+        out[name] = {"objects": objects(case["manifest"]), "notes": case["notes"], "found": case["found"]}
     return out
 
 

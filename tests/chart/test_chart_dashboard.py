@@ -6,7 +6,7 @@ import json
 import re
 
 from inferstack_operator import builders, builders_autoscaling
-from tests.operator.test_operator_builders import resolved
+from tests.operator.kit import resolved
 from inferstack_operator.config import OperatorSettings
 
 from .conftest import REPO, find

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -12,22 +11,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import requests
-from PIL import Image
 
 from inferstack.client import Client, ClassifyError, iter_images
-from tests.conftest import DIGIT_LABELS, digits_env, stack_log
+from tests.helpers import DIGIT_LABELS, digits_env, encode, stack_log, wait_for
 
 CLI = str(Path(sys.executable).with_name("inferstack"))
 FORMATS = [("png", "PNG"), ("jpg", "JPEG"), ("gif", "GIF"), ("bmp", "BMP"), ("tiff", "TIFF"), ("webp", "WEBP")]
-
-
-def encode(arr: np.ndarray, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +68,8 @@ def test_killed_half_way_then_resumed_classifies_each_image_exactly_once(stack, 
     run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     worker = stack.workers[0]
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and run.poll() is None:
-            if out.exists() and out.read_text().count("\n") >= 50:
-                break
-            time.sleep(0.005)
+        wait_for(lambda: run.poll() is not None or (out.exists() and out.read_text().count("\n") >= 50),
+                 timeout=120, what="50 results written", interval=0.005)
         # Freeze the worker so the run cannot finish on its own, then kill the run half-way.
         worker.send_signal(signal.SIGSTOP)
         run.kill()

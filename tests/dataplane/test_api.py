@@ -12,7 +12,7 @@ import requests
 from PIL import Image
 
 
-from tests.conftest import DIGIT_LABELS, digits_env, jpeg_bytes, png_bytes
+from tests.helpers import DIGIT_LABELS, digits_env, jpeg_bytes, png_bytes, post
 
 MAX_BYTES = 300_000
 MAX_PIXELS = 4_000_000
@@ -30,10 +30,6 @@ def stack(make_stack, digits_model):
             INFERSTACK_BATCH_SIZE="16",
         ),
     )
-
-
-def post(stack, data: bytes, name: str = "digit.png", **params) -> requests.Response:
-    return requests.post(stack.url + "/predict", files={"image": (name, data)}, params=params, timeout=60)
 
 
 def test_seed_compatible_request_and_response(stack, digits_model):

@@ -17,7 +17,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from inferstack.protocol import GROUP, Keys, WebQueue, WorkerQueue
-from tests.conftest import DIGIT_LABELS, digits_env, png_bytes, stack_log
+from tests.helpers import DIGIT_LABELS, digits_env, png_bytes, post, stack_log, wait_for
 from tools.devstack import LocalStack, free_port
 
 PREFIX = "inferstack"
@@ -84,19 +84,10 @@ def test_lag_is_the_requests_no_worker_has_taken(redis_url: str) -> None:
     assert r.xlen(STREAM) == 0
 
 
-def _get(url: str) -> requests.Response | None:
-    try:
-        return requests.get(url, timeout=2)
-    except (requests.ConnectionError, requests.Timeout):  # gunicorn accepts before its workers boot
-        return None
-
-
 def test_zero_workers_ready_then_a_late_worker_answers_the_queued_request(make_stack, digits_model) -> None:
     stack = make_stack(workers=0, wait=False, env=digits_env(digits_model, INFERSTACK_REQUEST_TIMEOUT_S="120"))
-    deadline = time.monotonic() + 60
-    while (rsp := _get(stack.url + "/readyz")) is None or rsp.status_code != 200:
-        assert time.monotonic() < deadline, f"/readyz never 200 without workers: {rsp and rsp.text}\n{stack_log(stack)}"
-        time.sleep(0.1)
+    stack.wait_ready(timeout_s=60, workers=0)
+    rsp = requests.get(stack.url + "/readyz", timeout=10)
     # Ready with no worker at all: the pod can accept and queue work; the body says who serves it.
     assert rsp.json() == {"ready": True, "workers": 0}
     r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
@@ -104,12 +95,10 @@ def test_zero_workers_ready_then_a_late_worker_answers_the_queued_request(make_s
 
     upload = png_bytes(digits_model["x_test"][0])
     result: dict[str, requests.Response] = {}
-    client = threading.Thread(target=lambda: result.update(rsp=requests.post(
-        stack.url + "/predict", files={"image": ("d.png", upload)}, timeout=150)))
+    client = threading.Thread(target=lambda: result.update(rsp=post(stack, upload, timeout=150)))
     client.start()
-    while keda_lag(r) != 1:
-        assert client.is_alive(), result
-        time.sleep(0.02)
+    wait_for(lambda: not client.is_alive() or keda_lag(r) == 1, what="the request queued", interval=0.02)
+    assert client.is_alive(), result
     time.sleep(0.5)  # queued a while: KEDA's lag > 0 is what would start the first worker
 
     metrics_port = free_port()

@@ -15,11 +15,7 @@ import requests
 from PIL import Image
 
 from inferstack.config import Settings, web_memory_limit_bytes
-from tests.conftest import digits_env, png_bytes, stack_log
-
-
-def post(stack, data: bytes, timeout: float = 60) -> requests.Response:
-    return requests.post(stack.url + "/predict", files={"image": ("x.png", data)}, timeout=timeout)
+from tests.helpers import digits_env, png_bytes, post, stack_log
 
 
 def png_bomb(mode: str, side: int = 7070) -> bytes:

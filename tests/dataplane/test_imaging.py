@@ -9,12 +9,7 @@ import pytest
 from PIL import Image
 
 from inferstack.imaging import BadImage, TooManyPixels, decode_image
-
-
-def encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
+from tests.helpers import encode
 
 
 def halves(w: int = 64, h: int = 32) -> Image.Image:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 import textwrap
@@ -12,12 +11,7 @@ import pytest
 from PIL import Image
 
 from inferstack.imaging import TooLargeToDecode, decode_image, decoded_bytes
-
-
-def encode(im: Image.Image, fmt: str, **kw: object) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, format=fmt, **kw)
-    return buf.getvalue()
+from tests.helpers import encode
 
 
 def peak_rss_mib_of_decode(data: bytes) -> tuple[float, str]:

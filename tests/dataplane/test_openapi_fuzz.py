@@ -19,7 +19,7 @@ from schemathesis.checks import (
 
 from inferstack.config import Settings
 from inferstack_web.openapi import document
-from tests.conftest import digits_env
+from tests.helpers import digits_env
 
 # Bounded so the whole run stays around a minute on a shared 2-core machine.
 EXAMPLES = 20

@@ -7,29 +7,15 @@ into the stream, as a rogue writer or a web pod of another release would.
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
 import requests
 
 from inferstack.protocol import GROUP, MAX_DELIVERIES, Keys, ensure_group
-from tests.conftest import digits_env, png_bytes, stack_log
+from tests.helpers import digits_env, png_bytes, post, stack_log, wait_for
 
 KEYS = Keys("inferstack")
-
-
-def post(stack, data: bytes, timeout: float = 60) -> requests.Response:
-    return requests.post(stack.url + "/predict", files={"image": ("x.png", data)}, timeout=timeout)
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def dead_letters(r: redis.Redis) -> list[dict[bytes, bytes]]:

@@ -12,14 +12,10 @@ import redis
 import requests
 
 from inferstack.protocol import GROUP, Keys
-from tests.conftest import digits_env, png_bytes, stack_log
+from tests.helpers import digits_env, png_bytes, post, stack_log, wait_for
 
 HOOKS = str(Path(__file__).parents[1] / "worker" / "hooks")
 KEYS = Keys("inferstack")
-
-
-def post(stack, data: bytes, timeout: float = 60) -> requests.Response:
-    return requests.post(stack.url + "/predict", files={"image": ("x.png", data)}, timeout=timeout)
 
 
 def test_redis_out_of_memory_503_worker_survives_and_recovers(make_stack, digits_model):
@@ -52,10 +48,8 @@ def test_redis_out_of_memory_503_worker_survives_and_recovers(make_stack, digits
     client = threading.Thread(target=lambda: answer.setdefault("r", post(stack, slow)))
     client.start()
     name = f"local-worker-1-{os.getpid()}"
-    deadline = time.monotonic() + 30
-    while not any(c["pending"] for c in r.xinfo_consumers(KEYS.stream, GROUP) if c["name"].decode() == name):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(lambda: any(c["pending"] for c in r.xinfo_consumers(KEYS.stream, GROUP) if c["name"].decode() == name),
+             timeout=30, what="the worker holding the request", interval=0.01)
     r.config_set("maxmemory", 1)  # before the worker finishes its 3 s batch
     time.sleep(6)
     assert worker.poll() is None, stack_log(stack)

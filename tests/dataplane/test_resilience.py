@@ -12,11 +12,9 @@ import redis
 import requests
 
 from inferstack.protocol import GROUP, Keys
-from tests.conftest import digits_env, png_bytes, stack_log
+from tests.helpers import digits_env, png_bytes, post, stack_log, wait_for
 
-
-def post(stack, data: bytes, timeout: float = 60, **params) -> requests.Response:
-    return requests.post(stack.url + "/predict", files={"image": ("x.png", data)}, params=params, timeout=timeout)
+KEYS = Keys("inferstack")
 
 
 def holds_requests(r: redis.Redis, name: str) -> bool:
@@ -34,22 +32,26 @@ def signal_when_busy(r: redis.Redis, proc, name: str, sig: int, done: threading.
     our check and the kill, so it dies holding requests (the survivor must reclaim them).
     """
 
+    def signalled() -> bool:
+        if not holds_requests(r, name):
+            return False
+        if sig != signal.SIGKILL:
+            proc.send_signal(sig)
+            return True
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.05)  # let Redis apply a reply transaction already on the wire
+        if holds_requests(r, name):
+            proc.send_signal(sig)
+            return True
+        proc.send_signal(signal.SIGCONT)
+        return False
+
     def watch() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if holds_requests(r, name):
-                if sig != signal.SIGKILL:
-                    proc.send_signal(sig)
-                    done.set()
-                    return
-                proc.send_signal(signal.SIGSTOP)
-                time.sleep(0.05)  # let Redis apply a reply transaction already on the wire
-                if holds_requests(r, name):
-                    proc.send_signal(sig)
-                    done.set()
-                    return
-                proc.send_signal(signal.SIGCONT)
-            time.sleep(0.002)
+        try:
+            wait_for(signalled, timeout=60, what=f"{name} holding requests", interval=0.002)
+        except AssertionError:
+            return  # never busy: done stays unset, and the test says so
+        done.set()
 
     t = threading.Thread(target=watch)
     t.start()
@@ -106,14 +108,8 @@ def test_redis_restart_503_then_recovers_without_restarting_processes(make_stack
     assert requests.get(stack.url + "/healthz", timeout=10).status_code == 200
 
     stack.start_redis()  # same port, empty data
-    deadline = time.monotonic() + 30
-    status = None
-    while time.monotonic() < deadline:
-        status = post(stack, upload, timeout=10).status_code
-        if status == 200:
-            break
-        time.sleep(0.5)
-    assert status == 200, stack_log(stack)
+    wait_for(lambda: post(stack, upload, timeout=10).status_code == 200, timeout=30, interval=0.5,
+             what="/predict answering 200 after Redis came back", explain=lambda: stack_log(stack))
     assert stack.web.pid == web_pid and stack.web.poll() is None
     assert stack.workers[0].pid == worker_pid and stack.workers[0].poll() is None
 
@@ -132,8 +128,7 @@ def test_queue_full_503_and_timeout_504_without_workers(make_stack, digits_model
     r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
     with ThreadPoolExecutor(2) as pool:
         waiting = [pool.submit(post, stack, upload) for _ in range(2)]
-        while r.xlen("inferstack:requests") < 2:
-            time.sleep(0.01)
+        wait_for(lambda: r.xlen(KEYS.stream) >= 2, what="two requests queued", interval=0.01)
         t0 = time.monotonic()
         full = post(stack, upload)
         assert time.monotonic() - t0 < 1.0, "a full queue must answer at once"
@@ -147,11 +142,8 @@ def test_queue_full_503_and_timeout_504_without_workers(make_stack, digits_model
         assert "No result within 4 s" in resp.json()["error"]
     # A worker arriving later drops the two expired requests without computing or answering them.
     stack.start_worker()
-    deadline = time.monotonic() + 120
-    while r.xlen("inferstack:requests") and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert r.xlen("inferstack:requests") == 0
-    assert not r.keys("inferstack:reply:*")
+    wait_for(lambda: r.xlen(KEYS.stream) == 0, timeout=120, interval=0.1, what="the expired requests dropped")
+    assert not r.keys(KEYS.reply("*"))
 
 
 def test_requests_queued_before_any_worker_are_served(make_stack, digits_model):
@@ -164,7 +156,7 @@ def test_requests_queued_before_any_worker_are_served(make_stack, digits_model):
     uploads = [png_bytes(img) for img in digits_model["x_test"][:6]]
     with ThreadPoolExecutor(6) as pool:
         # Generous timeouts: the worker's start (TensorFlow import, model load) is slow on a busy CPU.
-        futures = [pool.submit(post, stack, u, 120) for u in uploads]
+        futures = [pool.submit(post, stack, u, timeout=120) for u in uploads]
         time.sleep(1.0)
         stack.start_worker()  # comes up with 6 requests already queued
         results = [f.result() for f in futures]

@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from inferstack.config import Settings
 from inferstack.imaging import decode_image
 from inferstack.protocol import WebQueue, decode_probabilities
-from tests.conftest import DIGIT_LABELS, DIGIT_SIZE, digits_env, jpeg_bytes, png_bytes
+from tests.helpers import DIGIT_LABELS, DIGIT_SIZE, digits_env, jpeg_bytes, png_bytes
 
 MAX_BYTES = 200_000
 MODEL = "digits"  # INFERSTACK_MODEL=.../digits.keras: the file stem

@@ -280,7 +280,8 @@ def test_wheel_builds_from_the_docker_context(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (wheel,) = (tmp_path / "w").glob("inferstack-*.whl")
     members = zipfile.ZipFile(wheel).namelist()
-    for package in ("inferstack", "inferstack_web", "inferstack_worker", "inferstack_operator", "inferstack_offline"):
+    for package in ("inferstack", "inferstack_web", "inferstack_worker", "inferstack_operator", "inferstack_offline",
+                    "inferstack_offline/finetune"):
         assert f"{package}/__init__.py" in members
     assert "inferstack/data/imagenet_labels.txt" in members
     assert "inferstack_operator/crd.yaml" in members

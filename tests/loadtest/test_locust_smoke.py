@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 
 from loadtest.run import locust_argv
-from tests.conftest import digits_env
+from tests.helpers import digits_env
 
 
 def run_locust(host: str, out, seconds: int, *extra: str) -> int:

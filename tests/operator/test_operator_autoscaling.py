@@ -8,8 +8,7 @@ from typing import Any
 import celpy
 import kubernetes_validate
 import pytest
-from tests.operator.test_operator_builders import resolved
-from tests.operator.test_operator_crd import admit, version
+from tests.operator.kit import admit, resolved, version
 
 from inferstack import protocol
 from inferstack_operator import builders, builders_autoscaling, reasons, reconcile, spec, status
@@ -152,7 +151,7 @@ def test_pod_monitors_only_when_enabled_and_served() -> None:
     body = {"monitoring": {"enabled": True}, "worker": {"gpu": 2}}
     objs = children(body, {MONITORING})
     web, worker = objs["PodMonitor/demo-web"], objs["PodMonitor/demo-worker"]
-    assert web["spec"]["podMetricsEndpoints"] == [{"port": "http", "path": "/metrics", "interval": "15s"}]
+    assert web["spec"]["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "15s"}]
     assert [e["port"] for e in worker["spec"]["podMetricsEndpoints"]] == ["metrics", "metrics-gpu1"]
     containers = objs["Deployment/demo-worker"]["spec"]["template"]["spec"]["containers"]
     assert [c["ports"][0] for c in containers] == [

@@ -3,45 +3,16 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
-from tests.operator.conftest import EXAMPLES
 
 from inferstack_operator import builders, drift, spec
+from tests.operator.kit import (AFFINITY, AUTH, CLUSTER_SETTINGS, EXAMPLES, K8S_VERSION, SETTINGS, build, container,
+                                env, manifests, resolved)
 from inferstack_operator.config import OperatorSettings, SettingsError
-from inferstack_operator.credentials import RedisAuth
-
-K8S_VERSION = "1.31"
-SETTINGS = OperatorSettings()
-AUTH = RedisAuth.generate()
-
-AFFINITY = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
-    {"matchExpressions": [{"key": "node.kubernetes.io/instance-type", "operator": "In", "values": ["g5.xlarge"]}]}]}}}
-
-
-def tier(prefix: str) -> dict[str, Any]:
-    """Every per-tier cluster setting, with values that name their tier."""
-    return {
-        "env": [{"name": f"{prefix.upper()}_EXTRA", "value": "1"},
-                {"name": "FROM_SECRET", "valueFrom": {"secretKeyRef": {"name": "creds", "key": prefix}}}],
-        "podAnnotations": {"example.com/tier": prefix},
-        "podLabels": {"team": prefix},
-        "affinity": AFFINITY,
-        "priorityClassName": f"{prefix}-priority",
-    }
-
-
-CLUSTER_SETTINGS: dict[str, Any] = {
-    "imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}],
-    "model": {"name": "EfficientNetB0", "runtime": "openvino", "precision": "int8"},
-    "web": tier("web"),
-    "worker": {**tier("worker"), "gpu": 2, "runtimeClassName": "nvidia"},
-    "redis": tier("redis"),
-}
 
 SPECS: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -60,32 +31,6 @@ SPECS: dict[str, dict[str, Any]] = {
     "image-paths": {"model": {"uri": "/opt/models/m.keras", "labels": "/opt/models/labels.txt"},
                     "redis": {"resources": {"limits": {"memory": "1Gi"}}}},
 }
-
-
-def by_kind(manifests: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    return {f"{m['kind']}/{m['metadata']['name']}": m for m in manifests}
-
-
-def resolved(body: dict[str, Any] | None, name: str = "demo", domain: str = "cluster.local") -> spec.Resolved:
-    """What the reconciler hands the builders: the spec resolved, with the Redis passwords."""
-    return dataclasses.replace(spec.resolve(name, "ml", body, domain), redis_auth=AUTH)
-
-
-def manifests(body: dict[str, Any] | None, name: str = "demo", settings: OperatorSettings = SETTINGS
-              ) -> list[dict[str, Any]]:
-    return [m for _, m in builders.build_children(resolved(body, name, settings.cluster_domain), settings)]
-
-
-def build(body: dict[str, Any], name: str = "demo", settings: OperatorSettings = SETTINGS) -> dict[str, dict[str, Any]]:
-    return by_kind(manifests(body, name, settings))
-
-
-def container(manifest: dict[str, Any]) -> dict[str, Any]:
-    return manifest["spec"]["template"]["spec"]["containers"][0]
-
-
-def env(manifest: dict[str, Any]) -> dict[str, Any]:
-    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(manifest)["env"]}
 
 
 @pytest.mark.parametrize("case", sorted(SPECS))

@@ -2,63 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from tests.operator.conftest import CRD_PATH, EXAMPLES
 
 from inferstack_operator import spec as operator_spec
-
-
-def load_crd() -> dict[str, Any]:
-    docs = list(yaml.safe_load_all(CRD_PATH.read_text()))
-    assert len(docs) == 1, "crd.yaml must be a single YAML document (the chart copies it)"
-    return docs[0]
-
-
-def version() -> dict[str, Any]:
-    (v,) = load_crd()["spec"]["versions"]
-    return v
-
-
-def to_jsonschema(node: Any) -> Any:
-    """openAPIV3Schema -> JSON schema: drop the x-kubernetes-* extensions jsonschema ignores anyway."""
-    if isinstance(node, dict):
-        return {k: to_jsonschema(v) for k, v in node.items() if not k.startswith("x-kubernetes-")}
-    if isinstance(node, list):
-        return [to_jsonschema(v) for v in node]
-    return node
-
-
-def apply_defaults(schema: dict[str, Any], obj: Any) -> Any:
-    """Structural-schema defaulting as the API server does it: absent fields with a default get it."""
-    if not isinstance(obj, dict) or schema.get("type") != "object":
-        return obj
-    for key, sub in (schema.get("properties") or {}).items():
-        if key not in obj and "default" in sub:
-            obj[key] = copy.deepcopy(sub["default"])
-        if key in obj:
-            obj[key] = apply_defaults(sub, obj[key])
-    extra = schema.get("additionalProperties")
-    if isinstance(extra, dict):
-        for key in obj:
-            if key not in (schema.get("properties") or {}):
-                obj[key] = apply_defaults(extra, obj[key])
-    return obj
-
-
-SCHEMA = version()["schema"]["openAPIV3Schema"]
-VALIDATOR = jsonschema.Draft202012Validator(to_jsonschema(SCHEMA))
-
-
-def admit(body: dict[str, Any]) -> dict[str, Any]:
-    body = apply_defaults(SCHEMA, copy.deepcopy(body))
-    VALIDATOR.validate(body)
-    return body
+from tests.operator.kit import CLUSTER_SETTINGS, EXAMPLES, SCHEMA, admit, load_crd, version
 
 
 def test_crd_is_valid_kubernetes() -> None:
@@ -157,8 +109,6 @@ def test_quantities_accept_numbers_and_strings() -> None:
 
 
 def test_cluster_settings_are_admitted_and_resolved() -> None:
-    from tests.operator.test_operator_builders import CLUSTER_SETTINGS
-
     admitted = admit({"apiVersion": "inferstack.dev/v1alpha1", "kind": "InferenceService",
                       "metadata": {"name": "x"}, "spec": CLUSTER_SETTINGS})
     r = operator_spec.resolve("x", "ml", admitted["spec"])

@@ -10,7 +10,7 @@ import sys
 
 import kubernetes_validate
 import pytest
-from tests.operator.conftest import REPO
+from tests.operator.kit import REPO
 
 from inferstack_operator import cli, config, rbac
 

@@ -10,7 +10,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from tests.operator.netpol import admits
-from tests.operator.test_operator_builders import AUTH, K8S_VERSION, SETTINGS, build, container, resolved
+from tests.operator.kit import AUTH, K8S_VERSION, SETTINGS, build, container, resolved
 
 from inferstack_operator import builders, reconcile, spec
 from inferstack_operator.config import OperatorSettings, SettingsError

@@ -30,7 +30,7 @@ from inferstack_operator import builders, spec
 from inferstack_operator.config import OperatorSettings
 from inferstack_operator.credentials import RedisAuth
 from inferstack_operator.names import QUEUE_PREFIX
-from tests.conftest import DIGIT_SIZE, digits_env, png_bytes, stack_log
+from tests.helpers import DIGIT_SIZE, digits_env, png_bytes, stack_log
 from tools.devstack import LocalStack, free_port
 
 

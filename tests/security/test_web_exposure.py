@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
 import requests
 
-from tests.conftest import stack_log
+from tests.helpers import stack_log, wait_for
 from tools.devstack import LocalStack, free_port
+
+
+def healthy(url: str) -> bool:
+    try:
+        return requests.get(url + "/healthz", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +25,8 @@ def web_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalSt
     stack = LocalStack(env={"INFERSTACK_METRICS_PORT": str(metrics_port), "INFERSTACK_WEB_PROCESSES": "1"},
                        log_dir=str(tmp_path_factory.mktemp("web-logs")))
     stack.start_web()
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if requests.get(stack.url + "/healthz", timeout=5).status_code == 200:
-                break
-        except requests.RequestException:
-            pass
-        assert time.monotonic() < deadline, "web did not start: " + stack_log(stack)
-        time.sleep(0.2)
+    wait_for(lambda: healthy(stack.url), timeout=120, interval=0.2, what="the web tier starting",
+             explain=lambda: stack_log(stack))
     yield stack, metrics_port
     stack.stop()
 

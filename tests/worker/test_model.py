@@ -8,7 +8,7 @@ import pytest
 from inferstack.config import ConfigError, Settings
 from inferstack_worker.model import link_baked_weights, load_classifier
 
-from tests.conftest import DIGIT_LABELS
+from tests.helpers import DIGIT_LABELS
 
 
 def test_baked_weights_are_linked_into_the_cache_keras_uses(tmp_path, monkeypatch):

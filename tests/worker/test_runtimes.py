@@ -21,7 +21,7 @@ from tools.devstack import LocalStack
 from inferstack_worker import keras_runtime, openvino_runtime
 from inferstack_worker.model import Classifier, load_classifier, load_keras_model
 from inferstack_worker.runtime import Plan, bucket_sizes, gpu_available, resolve
-from tests.conftest import DIGIT_LABELS, digit_images, digits_env, png_bytes, stack_log
+from tests.helpers import DIGIT_LABELS, digit_images, digits_env, png_bytes, stack_log
 
 
 def digits_settings(model: dict, **kw: object) -> Settings:

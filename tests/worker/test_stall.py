@@ -9,18 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import redis
-import requests
 
 from inferstack.protocol import GROUP, Keys
 from inferstack_worker.worker import EXIT_STALLED
-from tests.conftest import digits_env, png_bytes, stack_log
+from tests.helpers import digits_env, png_bytes, post, stack_log, wait_for
 
 HOOKS = str(Path(__file__).parent / "hooks")
 KEYS = Keys("inferstack")
-
-
-def post(stack, data: bytes, timeout: float = 120) -> requests.Response:
-    return requests.post(stack.url + "/predict", files={"image": ("x.png", data)}, timeout=timeout)
 
 
 def pending_of(r: redis.Redis, name: str) -> int:
@@ -48,14 +43,13 @@ def test_hung_model_call_gives_its_batch_to_another_worker_and_exits(make_stack,
     pool = ThreadPoolExecutor(4)
     futures = []
     for i, upload in enumerate([*innocents, hanger]):
-        futures.append(pool.submit(post, stack, upload))
-        while r.xlen(KEYS.stream) < i + 1:
-            time.sleep(0.01)
+        futures.append(pool.submit(post, stack, upload, timeout=120))
+        wait_for(lambda: r.xlen(KEYS.stream) >= i + 1, what=f"request {i + 1} queued", interval=0.01)
     first = stack.start_worker()
-    deadline = time.monotonic() + 120
-    while pending_of(r, f"local-worker-1-{os.getpid()}") < 4:
-        assert first.poll() is None and time.monotonic() < deadline, stack_log(stack)
-        time.sleep(0.05)
+    name = f"local-worker-1-{os.getpid()}"
+    wait_for(lambda: first.poll() is not None or pending_of(r, name) >= 4, timeout=120,
+             what="the first worker taking all four", explain=lambda: stack_log(stack))
+    assert first.poll() is None, stack_log(stack)
     t_stuck = time.monotonic()
     # The hung worker notices within its stall bound and exits for a restart.
     assert first.wait(60) == EXIT_STALLED, stack_log(stack)

@@ -53,26 +53,20 @@ checks them against the requests the operator's code sends).
   resources: ["persistentvolumeclaims"]
   verbs: ["get"]
 # Pods of a workload that is not ready: why (Unschedulable, image pulls, crash loops) goes
-# into the Ready condition. Read only.
+# into the Ready condition. Listed by label, never read one by one.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list"]
+  verbs: ["list"]
 # kopf.info()/kopf.warn() and kopf's own handler events.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
 {{- end }}
 
-{{/* Cluster-scoped resources kopf observes; namespaces only when it watches named namespaces. */}}
+{{/* Cluster-wide mode only: kopf scans CRDs (namespaced mode turns scanning off). */}}
 {{- define "inferstack.rbac.clusterRules" -}}
-# kopf scans and watches CRDs to notice the InferenceService CRD appear or go.
+# kopf lists and watches CRDs to notice the InferenceService CRD appear or go.
 - apiGroups: ["apiextensions.k8s.io"]
   resources: ["customresourcedefinitions"]
-  verbs: ["get", "list", "watch"]
-{{- if .Values.watchNamespaces }}
-# With --namespace, kopf lists and watches namespaces to resolve the names it was given.
-- apiGroups: [""]
-  resources: ["namespaces"]
-  verbs: ["get", "list", "watch"]
-{{- end }}
+  verbs: ["list", "watch"]
 {{- end }}

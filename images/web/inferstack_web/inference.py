@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import contextlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -20,6 +20,7 @@ import redis
 
 from inferstack.config import Settings
 from inferstack.imaging import BadImage, decode_image
+from inferstack.contract.messages import ModelRecord
 from inferstack.protocol import QueueFull, RedisFull, ReplyTimeout, WebQueue, decode_probabilities
 
 from . import metrics
@@ -35,37 +36,39 @@ DECODE_WAIT_S = 10.0
 
 
 class ModelInfo:
-    """What the workers advertise in Redis (input size, classes, labels), cached briefly."""
+    """The ModelRecord the workers advertise in Redis (input size, classes, labels), cached briefly."""
 
     def __init__(self, queue: WebQueue, ttl_s: float = 5.0) -> None:
         self.queue = queue
         self.ttl_s = ttl_s
-        self._info: dict[str, Any] = {}
+        self._record: ModelRecord | None = None
         self._expires = 0.0
         self._lock = threading.Lock()
 
-    def get(self) -> dict[str, Any]:
+    def record(self) -> ModelRecord | None:
+        """The last record read (None before any worker ran); refreshed after ttl_s, or 0.5 s without one."""
         now = time.monotonic()
         if now < self._expires:
-            return self._info
+            return self._record
         with self._lock:
             if now >= self._expires:
                 try:
-                    info = self.queue.model_info()
-                except redis.RedisError:
-                    info = None
-                if info:
-                    self._info = info
-                self._expires = now + (self.ttl_s if info else 0.5)
-        return self._info
+                    record = self.queue.model_record()
+                except (redis.RedisError, ValueError, KeyError, TypeError):
+                    record = None
+                if record:
+                    self._record = record
+                self._expires = now + (self.ttl_s if record else 0.5)
+        return self._record
 
     def input_size(self) -> tuple[int, int]:
-        shape = self.get().get("input_shape")
-        return (int(shape[0]), int(shape[1])) if shape else DEFAULT_INPUT_SIZE
+        record = self.record()
+        return record.input_shape[:2] if record else DEFAULT_INPUT_SIZE
 
     @property
     def name(self) -> str | None:
-        return self.get().get("name")
+        record = self.record()
+        return record.name if record else None
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ class Inference:
         timeout = self.settings.request_timeout_s
         remaining = timeout - (time.perf_counter() - started)
         try:
-            reply = self.queue.wait(request_id, max(remaining, 0.01))
+            reply = self.queue.wait_reply(request_id, max(remaining, 0.01))
         except ReplyTimeout:
             raise ResultTimeout(
                 f"No result within {timeout:g} s; the workers are busy or down. Retry later."
@@ -154,13 +157,12 @@ class Inference:
         except redis.RedisError as exc:
             log.warning("redis unavailable while waiting: %s", exc)
             raise Unavailable("The request queue became unreachable while waiting; retry shortly.", 2) from None
-        if not reply.get("ok"):
-            raise InferenceFailed(reply.get("error") or "The model failed on this image.")
-        probs = reply.get("probabilities")
+        if not reply.ok:
+            raise InferenceFailed(reply.error or "The model failed on this image.")
         return Result(
-            predictions=reply["predictions"],
-            model=reply.get("model"),
-            probabilities=decode_probabilities(probs) if probs is not None else None,
+            predictions=reply.predictions,
+            model=reply.model,
+            probabilities=decode_probabilities(reply.probabilities) if reply.probabilities is not None else None,
         )
 
 

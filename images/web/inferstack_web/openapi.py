@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from inferstack.config import Settings
+from inferstack.contract import http
 
 from .inference import MAX_IMAGES_PER_REQUEST
 from .v2 import HEADER_LENGTH, INPUT, OUTPUT
@@ -205,35 +206,98 @@ def _model_paths(settings: Settings, prefix: str, params: list[dict[str, Any]]) 
                 },
             }
         },
-        f"{prefix}/infer": {
-            "post": {
-                "summary": "Classify a batch of images (one input `image`, BYTES, one encoded file per element)",
-                "parameters": [
-                    *params,
-                    {"name": HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer"},
-                     "description": "Binary tensor data extension: size of the JSON header; binary data follows"},
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        JSON: {"schema": _ref("InferenceRequest")},
-                        "application/octet-stream": {
-                            "schema": {"type": "string", "format": "binary"},
-                            "description": f"JSON header of {HEADER_LENGTH} bytes, then the binary tensor data",
-                        },
-                    },
+        f"{prefix}/infer": {"post": _infer_operation(params)},
+    }
+
+
+def _infer_operation(params: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "summary": "Classify a batch of images (one input `image`, BYTES, one encoded file per element)",
+        "parameters": [
+            *params,
+            {"name": HEADER_LENGTH, "in": "header", "required": False, "schema": {"type": "integer"},
+             "description": "Binary tensor data extension: size of the JSON header; binary data follows"},
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                JSON: {"schema": _ref("InferenceRequest")},
+                "application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"},
+                    "description": f"JSON header of {HEADER_LENGTH} bytes, then the binary tensor data",
                 },
-                "responses": {
-                    "200": {
-                        "description": "Outputs in order; binary outputs follow the JSON header "
-                        f"(its size in the {HEADER_LENGTH} response header)",
-                        "content": {
-                            JSON: {"schema": _ref("InferenceResponse")},
-                            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-                        },
-                    },
-                    **_errors("V2Error", INFER_ERRORS),
+            },
+        },
+        "responses": {
+            "200": {
+                "description": "Outputs in order; binary outputs follow the JSON header "
+                f"(its size in the {HEADER_LENGTH} response header)",
+                "content": {
+                    JSON: {"schema": _ref("InferenceResponse")},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
                 },
+            },
+            **_errors("V2Error", INFER_ERRORS),
+        },
+    }
+
+
+def _predict_operation(settings: Settings) -> dict[str, Any]:
+    image_files = {"type": "array", "maxItems": MAX_IMAGES_PER_REQUEST, "items": {"type": "string", "format": "binary"}}
+    image_base64 = {
+        "description": "Base64 of the image file, or a list of them",
+        "oneOf": [{"type": "string", "format": "byte"}, {"type": "array", "items": {"type": "string", "format": "byte"}}],
+    }
+    return {
+        "summary": "Classify one image (or several `image` parts: `results`, in order)",
+        "parameters": [
+            {"name": "top_k", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": settings.top_k}},
+        ],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
+                                                   "properties": {"image": image_files}}},
+                JSON: {"schema": {"type": "object", "required": ["image"], "properties": {"image": image_base64}}},
+            },
+        },
+        "responses": {
+            "200": _json(_ref("PredictResponse"), "Top-k predictions, by probability, descending"),
+            **_errors("PredictError", PREDICT_ERRORS),
+        },
+    }
+
+
+def _ops_paths() -> dict[str, Any]:
+    metrics_text = {"description": "Exposition text", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    return {
+        http.HEALTHZ_PATH: {"get": {"summary": "Process alive",
+                                    "responses": {"200": _json({"type": "object"}, "Alive")}}},
+        http.READYZ_PATH: {
+            "get": {
+                "summary": "This pod can queue work (Redis reachable); the body counts live workers",
+                "responses": {"200": _json(_ref("Ready"), "Ready"), "503": _json(_ref("Ready"), "Not ready")},
+            }
+        },
+        http.METRICS_PATH: {"get": {"summary": "Prometheus metrics", "responses": {"200": metrics_text}}},
+        http.OPENAPI_PATH: {
+            "get": {"summary": "This document", "responses": {"200": _json({"type": "object"}, "OpenAPI 3.0")}}
+        },
+    }
+
+
+def _v2_server_paths() -> dict[str, Any]:
+    v2 = http.V2_PREFIX
+    return {
+        v2: {"get": {"summary": "Server metadata", "responses": {"200": _json(_ref("ServerMetadata"), "Metadata")}}},
+        f"{v2}/health/live": {
+            "get": {"summary": "Server live", "responses": {"200": _json({"type": "object"}, "Live")}}
+        },
+        f"{v2}/health/ready": {
+            "get": {
+                "summary": "Server ready: it can queue work (Redis reachable)",
+                "responses": {"200": _json({"type": "object"}, "Ready"), **_errors("V2Error", {503: "Redis unreachable"})},
             }
         },
     }
@@ -241,85 +305,11 @@ def _model_paths(settings: Settings, prefix: str, params: list[dict[str, Any]]) 
 
 def document(settings: Settings) -> dict[str, Any]:
     model = _model_param(settings)
-    paths: dict[str, Any] = {
-        "/predict": {
-            "post": {
-                "summary": "Classify one image (or several `image` parts: `results`, in order)",
-                "parameters": [
-                    {"name": "top_k", "in": "query", "required": False,
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": settings.top_k}},
-                ],
-                "requestBody": {
-                    "required": True,
-                    "content": {
-                        "multipart/form-data": {
-                            "schema": {
-                                "type": "object",
-                                "required": ["image"],
-                                "properties": {
-                                    "image": {"type": "array", "maxItems": MAX_IMAGES_PER_REQUEST,
-                                              "items": {"type": "string", "format": "binary"}},
-                                },
-                            }
-                        },
-                        JSON: {
-                            "schema": {
-                                "type": "object",
-                                "required": ["image"],
-                                "properties": {
-                                    "image": {
-                                        "description": "Base64 of the image file, or a list of them",
-                                        "oneOf": [
-                                            {"type": "string", "format": "byte"},
-                                            {"type": "array", "items": {"type": "string", "format": "byte"}},
-                                        ],
-                                    }
-                                },
-                            }
-                        },
-                    },
-                },
-                "responses": {
-                    "200": _json(_ref("PredictResponse"), "Top-k predictions, by probability, descending"),
-                    **_errors("PredictError", PREDICT_ERRORS),
-                },
-            }
-        },
-        "/healthz": {"get": {"summary": "Process alive", "responses": {"200": _json({"type": "object"}, "Alive")}}},
-        "/readyz": {
-            "get": {
-                "summary": "This pod can queue work (Redis reachable); the body counts live workers",
-                "responses": {"200": _json(_ref("Ready"), "Ready"), "503": _json(_ref("Ready"), "Not ready")},
-            }
-        },
-        "/metrics": {
-            "get": {
-                "summary": "Prometheus metrics",
-                "responses": {"200": {"description": "Exposition text", "content": {"text/plain": {
-                    "schema": {"type": "string"}}}}},
-            }
-        },
-        "/openapi.json": {
-            "get": {"summary": "This document", "responses": {"200": _json({"type": "object"}, "OpenAPI 3.0")}}
-        },
-        "/v2": {
-            "get": {"summary": "Server metadata", "responses": {"200": _json(_ref("ServerMetadata"), "Metadata")}}
-        },
-        "/v2/health/live": {
-            "get": {"summary": "Server live", "responses": {"200": _json({"type": "object"}, "Live")}}
-        },
-        "/v2/health/ready": {
-            "get": {
-                "summary": "Server ready: it can queue work (Redis reachable)",
-                "responses": {
-                    "200": _json({"type": "object"}, "Ready"),
-                    **_errors("V2Error", {503: "Redis unreachable"}),
-                },
-            }
-        },
-    }
-    paths.update(_model_paths(settings, "/v2/models/{model}", [model]))
-    paths.update(_model_paths(settings, "/v2/models/{model}/versions/{version}", [model, VERSION_PARAM]))
+    paths: dict[str, Any] = {http.PREDICT_PATH: {"post": _predict_operation(settings)}, **_ops_paths(),
+                             **_v2_server_paths()}
+    paths.update(_model_paths(settings, f"{http.V2_PREFIX}/models/{{model}}", [model]))
+    paths.update(_model_paths(settings, f"{http.V2_PREFIX}/models/{{model}}/versions/{{version}}",
+                              [model, VERSION_PARAM]))
     return {
         "openapi": "3.0.3",
         "info": {

@@ -4,7 +4,7 @@ One model, one input `image` (BYTES: each element an encoded image file) and one
 `probabilities` (FP32 [N, classes]). Supported extensions: binary tensor data (inputs and
 outputs after the JSON header, `Inference-Header-Content-Length`) and classification
 (`parameters.classification: K` on a requested output -> BYTES "<prob>:<index>:<label>").
-Errors are `{"error": "..."}` (shaped by app._error for every path under /v2).
+Errors are `{"error": "..."}` (the handlers register_v2_endpoints installs on its blueprint).
 """
 
 from __future__ import annotations
@@ -16,16 +16,17 @@ import time
 import zlib
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import redis
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Flask, Response, jsonify, request
 
 from inferstack.config import Settings
+from inferstack.contract import http
 from inferstack.protocol import WebQueue
 
-from .errors import BadRequest, NotFound, PayloadTooLarge, Unavailable
+from .errors import BadRequest, NotFound, PayloadTooLarge, Unavailable, install_error_handlers
 from .inference import Inference, ModelInfo, decode_base64
 
 INPUT = "image"
@@ -49,100 +50,127 @@ def _server_version() -> str:
         return "0"
 
 
-def _versioned(bp: Blueprint, rule: str, **options: Any) -> Callable[[Callable[..., Response]], Callable[..., Response]]:
-    """Route both /v2/models/<model>/... and /v2/models/<model>/versions/<version>/..."""
-
-    def register(view: Callable[..., Response]) -> Callable[..., Response]:
-        bp.add_url_rule(f"/models/<model>{rule}", view_func=view, **options)
-        bp.add_url_rule(f"/models/<model>/versions/<version>{rule}", view_func=view, **options)
-        return view
-
-    return register
+def v2_error_body(message: str) -> dict[str, Any]:
+    return {"error": message}
 
 
-def create_blueprint(settings: Settings, queue: WebQueue, inference: Inference, model_info: ModelInfo) -> Blueprint:
-    bp = Blueprint("v2", __name__, url_prefix="/v2")
-    limit = settings.max_image_bytes
+class V2Endpoints:
+    """The v2 views of one server: one model (settings.model_name), version VERSION."""
 
-    def check_model(model: str, version: str | None) -> None:
-        if model != settings.model_name:
-            raise NotFound(f"Unknown model {model[:100]!r}; this server serves {settings.model_name!r}.")
+    url_prefix = http.V2_PREFIX
+
+    def __init__(self, settings: Settings, queue: WebQueue, inference: Inference, model_info: ModelInfo) -> None:
+        self.settings = settings
+        self.queue = queue
+        self.inference = inference
+        self.model_info = model_info
+
+    def check_model(self, model: str, version: str | None) -> None:
+        served = self.settings.model_name
+        if model != served:
+            raise NotFound(f"Unknown model {model[:100]!r}; this server serves {served!r}.")
         if version not in (None, VERSION):
             raise NotFound(f"Unknown version {version[:20]!r} of model {model!r}; the only version is {VERSION!r}.")
 
-    @bp.get("/health/live")
-    def live() -> Response:
+    def live(self) -> Response:
         return jsonify(live=True)
 
-    @bp.get("/health/ready")
-    def ready() -> Response:
+    def ready(self) -> Response:
         # Like /readyz: this server can queue work (Redis answers); workers may come later.
         try:
-            queue.depth()
+            self.queue.depth()
         except redis.RedisError:
             raise Unavailable("The request queue is unreachable; retry shortly.", 2) from None
         return jsonify(ready=True)
 
-    @bp.get("")
-    def server_metadata() -> Response:
+    def server_metadata(self) -> Response:
         return jsonify(name="inferstack", version=_server_version(), extensions=EXTENSIONS)
 
-    @_versioned(bp, "", methods=["GET"], endpoint="model_metadata")
-    def model_metadata(model: str, version: str | None = None) -> Response:
-        check_model(model, version)
-        classes = int(model_info.get().get("classes") or -1)
+    def model_metadata(self, model: str, version: str | None = None) -> Response:
+        self.check_model(model, version)
+        record = self.model_info.record()
+        classes = record.classes if record and record.classes else -1
         return jsonify(
-            name=settings.model_name,
+            name=self.settings.model_name,
             versions=[VERSION],
             platform="inferstack_keras",
             inputs=[{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
             outputs=[{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
         )
 
-    @_versioned(bp, "/ready", methods=["GET"], endpoint="model_ready")
-    def model_ready(model: str, version: str | None = None) -> Response:
-        check_model(model, version)
+    def model_ready(self, model: str, version: str | None = None) -> Response:
+        self.check_model(model, version)
         try:
-            workers = queue.live_workers()
+            workers = self.queue.live_workers()
         except redis.RedisError:
             raise Unavailable("The request queue is unreachable; retry shortly.", 2) from None
         if not workers:
             raise Unavailable(f"No live worker serves {model!r} yet; retry shortly.", 2)
-        return jsonify(name=settings.model_name, ready=True)
+        return jsonify(name=self.settings.model_name, ready=True)
 
-    @_versioned(bp, "/infer", methods=["POST"], endpoint="infer")
-    def infer(model: str, version: str | None = None) -> Response:
+    def infer(self, model: str, version: str | None = None) -> Response:
         started = time.perf_counter()
-        check_model(model, version)
-        header, binary = _split_body(_body(limit), request.headers.get(HEADER_LENGTH))
+        self.check_model(model, version)
+        header, binary = _split_body(_body(self.settings.max_image_bytes), request.headers.get(HEADER_LENGTH))
         images = _input_images(header, binary)
         outputs = _requested_outputs(header)
+        probs = self._probabilities(images, started)
+        tensors, blobs = _output_tensors(outputs, probs, self._labels(probs.shape[1]))
+        body: dict[str, Any] = {"model_name": self.settings.model_name, "model_version": VERSION, "outputs": tensors}
+        if isinstance(header.get("id"), str):
+            body["id"] = header["id"]
+        return _infer_response(body, blobs)
+
+    def _probabilities(self, images: list[bytes], started: float) -> np.ndarray:
+        """Every class's probability for each image, (N, classes) float32."""
         # The top-k the worker computes is not used here: the full vector answers both outputs.
-        results = inference.run(images, 1, started, probabilities=True)
+        results = self.inference.run(images, 1, started, probabilities=True)
         if any(r.probabilities is None for r in results):
             # A worker from before this API (mid-rollout) ignores the request for the full vector.
             raise Unavailable("A worker without v2 support answered; retry shortly.", 1)
-        probs = np.stack([r.probabilities for r in results]).astype(np.float32)
-        labels = model_info.get().get("labels")
-        if labels is not None and len(labels) != probs.shape[1]:
-            labels = None
-        tensors, blobs = [], []
-        for out in outputs:
-            tensor, blob = _output_tensor(out, probs, labels)
-            tensors.append(tensor)
-            if blob is not None:
-                blobs.append(blob)
-        body: dict[str, Any] = {"model_name": settings.model_name, "model_version": VERSION, "outputs": tensors}
-        if isinstance(header.get("id"), str):
-            body["id"] = header["id"]
-        if not blobs:
-            return jsonify(body)
-        head = json.dumps(body).encode()
-        resp = Response(head + b"".join(blobs), mimetype="application/octet-stream")
-        resp.headers[HEADER_LENGTH] = str(len(head))
-        return resp
+        return np.stack([r.probabilities for r in results]).astype(np.float32)
 
-    return bp
+    def _labels(self, classes: int) -> list[str] | None:
+        """The served model's labels when they match its output (for the classification extension)."""
+        record = self.model_info.record()
+        labels = list(record.labels) if record and record.labels else None
+        return labels if labels is not None and len(labels) == classes else None
+
+
+def register_v2_endpoints(app: Flask, endpoints: V2Endpoints) -> None:
+    """The v2 routes, each model route also under /versions/<version>, with the v2 error shape."""
+    bp = Blueprint("v2", __name__, url_prefix=endpoints.url_prefix)
+    bp.add_url_rule("/health/live", view_func=endpoints.live, methods=["GET"])
+    bp.add_url_rule("/health/ready", view_func=endpoints.ready, methods=["GET"])
+    bp.add_url_rule("", view_func=endpoints.server_metadata, methods=["GET"])
+    for rule, view, methods in (("", endpoints.model_metadata, ["GET"]), ("/ready", endpoints.model_ready, ["GET"]),
+                                ("/infer", endpoints.infer, ["POST"])):
+        bp.add_url_rule(f"/models/<model>{rule}", endpoint=view.__name__, view_func=view, methods=methods)
+        bp.add_url_rule(f"/models/<model>/versions/<version>{rule}", endpoint=view.__name__, view_func=view,
+                        methods=methods)
+    install_error_handlers(bp, v2_error_body, endpoints.settings.max_image_bytes)
+    app.register_blueprint(bp)
+
+
+def _output_tensors(outputs: list[RequestedOutput], probs: np.ndarray, labels: list[str] | None
+                    ) -> tuple[list[dict[str, Any]], list[bytes]]:
+    tensors, blobs = [], []
+    for out in outputs:
+        tensor, blob = _output_tensor(out, probs, labels)
+        tensors.append(tensor)
+        if blob is not None:
+            blobs.append(blob)
+    return tensors, blobs
+
+
+def _infer_response(body: dict[str, Any], blobs: list[bytes]) -> Response:
+    """JSON alone, or (binary tensor extension) the JSON header followed by the binary outputs."""
+    if not blobs:
+        return jsonify(body)
+    head = json.dumps(body).encode()
+    resp = Response(head + b"".join(blobs), mimetype="application/octet-stream")
+    resp.headers[HEADER_LENGTH] = str(len(head))
+    return resp
 
 
 def _body(limit: int) -> bytes:

@@ -8,9 +8,10 @@ batch, so the queue wait needs no clock agreement between pods.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from inferstack.contract.messages import Reply
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256, 512, 1024)
 WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -57,8 +58,8 @@ class WorkerMetrics:
         self.batch_size.observe(size)
         self.inference.observe(seconds)
 
-    def answered(self, replies: Iterable[dict[str, Any] | None]) -> None:
+    def answered(self, replies: Iterable[Reply | None]) -> None:
         for reply in replies:
             if reply is None:
                 continue  # past its deadline: the client already has its 504
-            (self.processed if reply.get("ok") else self.failed).inc()
+            (self.processed if reply.ok else self.failed).inc()

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 
 from inferstack.config import ConfigError, Settings
+from inferstack.contract.media import IMAGE_SUFFIXES
 from inferstack.imaging import BadImage, decode_image
 
 log = logging.getLogger("inferstack.worker")
@@ -21,7 +22,6 @@ log = logging.getLogger("inferstack.worker")
 # OpenVINO's names for the inference precision hint; int8 models keep the CPU default for the rest.
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 CALIBRATION_IMAGES = 300  # NNCF's default subset size
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 def convert(model: Any, preprocess: Callable[[Any], Any] | None, input_shape: tuple[int, int, int]) -> Any:

@@ -15,10 +15,12 @@ import numpy as np
 import redis
 
 from inferstack.config import Settings
-from inferstack.protocol import MAX_DELIVERIES, Poison, Request, WorkerQueue, encode_probabilities
+from inferstack.contract.messages import Reply
+from inferstack.contract.queue import MAX_DELIVERIES
+from inferstack.protocol import Poison, Request, WorkerQueue, encode_probabilities
 
 from .metrics import WorkerMetrics
-from .model import Classifier
+from .classifier import Classifier
 
 log = logging.getLogger("inferstack.worker")
 
@@ -46,6 +48,8 @@ class Worker:
         self.served = 0
         self.stall_timeout_s = stall_timeout_s or settings.stall_timeout_s or 60.0
         self._progress = time.monotonic()
+        self._group_ready = False
+        self._last_reclaim = 0.0
         self.metrics = WorkerMetrics(settings.model_name)
 
     def install_signal_handlers(self) -> None:
@@ -62,7 +66,7 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         # A thread, so a long batch (TensorFlow releases the GIL) does not look like a dead worker;
         # but it only vouches for a main loop that moves: a hung model call must not look alive.
-        info = self.classifier.info()
+        info = self.classifier.record()
         while not self.stopping.is_set():
             stalled = time.monotonic() - self._progress
             if stalled > self.stall_timeout_s:
@@ -95,54 +99,61 @@ class Worker:
         if self.ready_file is not None:
             self.ready_file.parent.mkdir(parents=True, exist_ok=True)
         self._mark_progress()
-        beat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
-        beat.start()
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         log.info(
             "worker %s serving %s (batch %d, delay %g ms, stall bound %.0f s)", self.queue.name,
             self.classifier.name, self.settings.batch_size, self.settings.max_batch_delay_ms, self.stall_timeout_s,
         )
         backoff = Backoff()
-        group_ready = False
-        last_reclaim = 0.0
         try:
             while not self.stopping.is_set():
                 self._mark_progress()
                 try:
-                    if not group_ready:
-                        self.queue.ensure_group()
-                        group_ready = True
-                    if time.monotonic() - last_reclaim >= RECLAIM_INTERVAL_S:
-                        last_reclaim = time.monotonic()
-                        self._reclaim()
-                    own = self.queue.own_backlog()
-                    if own:
-                        self.process(own)  # one at a time, see own_backlog
-                        continue
-                    t_take = time.perf_counter()
-                    batch = self.queue.take_batch(self.settings.batch_size, self.settings.max_batch_delay_ms)
-                    if batch and log.isEnabledFor(logging.DEBUG):
-                        log.debug("took %d after %.1f ms", len(batch), (time.perf_counter() - t_take) * 1000)
-                    if batch:
-                        self.process(batch)
+                    self._turn()
                     backoff.reset()
                 except redis.RedisError as exc:
-                    # Every Redis error class (connection, OOM, READONLY during a failover, ...):
-                    # unacknowledged requests stay pending, so waiting and retrying loses nothing.
-                    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
-                        group_ready = False
-                        self.queue.reset_after_disconnect()
-                    delay = backoff.next()
-                    log.warning("redis error (%s: %.300s); retrying in %.1f s", type(exc).__name__, exc, delay)
-                    self.stopping.wait(delay)
+                    self._wait_after(exc, backoff)
         finally:
-            self.stopping.set()
-            try:
-                self.queue.leave()
-            except redis.RedisError:
-                pass
-            if self.ready_file is not None:
-                self.ready_file.unlink(missing_ok=True)
-            log.info("worker %s stopped after %d request(s)", self.queue.name, self.served)
+            self._leave()
+
+    def _turn(self) -> None:
+        """One pass of the main loop: the group, a dead worker's requests, our own backlog, then a batch."""
+        if not self._group_ready:
+            self.queue.ensure_group()
+            self._group_ready = True
+        if time.monotonic() - self._last_reclaim >= RECLAIM_INTERVAL_S:
+            self._last_reclaim = time.monotonic()
+            self._reclaim()
+        own = self.queue.own_backlog()
+        if own:
+            self.process(own)  # one at a time, see own_backlog
+            return
+        t_take = time.perf_counter()
+        batch = self.queue.take_batch(self.settings.batch_size, self.settings.max_batch_delay_ms)
+        if batch and log.isEnabledFor(logging.DEBUG):
+            log.debug("took %d after %.1f ms", len(batch), (time.perf_counter() - t_take) * 1000)
+        if batch:
+            self.process(batch)
+
+    def _wait_after(self, exc: redis.RedisError, backoff: Backoff) -> None:
+        # Every Redis error class (connection, OOM, READONLY during a failover, ...):
+        # unacknowledged requests stay pending, so waiting and retrying loses nothing.
+        if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+            self._group_ready = False
+            self.queue.reset_after_disconnect()
+        delay = backoff.next()
+        log.warning("redis error (%s: %.300s); retrying in %.1f s", type(exc).__name__, exc, delay)
+        self.stopping.wait(delay)
+
+    def _leave(self) -> None:
+        self.stopping.set()
+        try:
+            self.queue.leave()
+        except redis.RedisError:
+            pass
+        if self.ready_file is not None:
+            self.ready_file.unlink(missing_ok=True)
+        log.info("worker %s stopped after %d request(s)", self.queue.name, self.served)
 
     def _reclaim(self) -> None:
         # Each reclaimed request runs alone; a bounded number per pass keeps the loop turning.
@@ -160,7 +171,7 @@ class Worker:
         t0 = time.perf_counter()
         now_ms = self.queue.now_ms()
         self.metrics.taken([r.entry_id for r in batch if r.deliveries == 1], now_ms)
-        results: list[tuple[Request, dict[str, Any] | None]] = []
+        results: list[tuple[Request, Reply | None]] = []
         dead: list[Poison] = []
         live: list[Request] = []
         for req in batch:
@@ -188,7 +199,7 @@ class Worker:
         log.debug("batch of %d: inference %.1f ms, total %.1f ms", len(live), (t1 - t0) * 1000,
                   (time.perf_counter() - t0) * 1000)
 
-    def _complete(self, results: list[tuple[Request, dict[str, Any] | None]], now_ms: int,
+    def _complete(self, results: list[tuple[Request, Reply | None]], now_ms: int,
                   dead: list[Poison]) -> None:
         """Deliver the answers, retrying through Redis errors: computed work is not thrown away."""
         backoff = Backoff()
@@ -208,27 +219,25 @@ class Worker:
                 self._mark_progress()  # waiting on Redis is not a hung model
                 self.stopping.wait(delay)
 
-    def _infer(self, reqs: list[Request]) -> list[tuple[Request, dict[str, Any] | None]]:
+    def _infer(self, reqs: list[Request]) -> list[tuple[Request, Reply | None]]:
         clf = self.classifier
         try:
             probs = clf.predict(np.stack([clf.prepare(r.pixels) for r in reqs]))
         except Exception:
             if len(reqs) == 1:
                 log.exception("inference failed for request %s", reqs[0].request_id)
-                return [(reqs[0], {"ok": False, "error": "The model failed on this image."})]
+                return [(reqs[0], Reply.failure("The model failed on this image."))]
             # Find the one input that breaks the batch instead of failing all of them.
             log.exception("batch of %d failed; retrying one by one", len(reqs))
-            out: list[tuple[Request, dict[str, Any] | None]] = []
+            out: list[tuple[Request, Reply | None]] = []
             for r in reqs:
                 out += self._infer([r])
             return out
         return [(r, self._reply(r, p)) for r, p in zip(reqs, probs)]
 
-    def _reply(self, req: Request, probs: np.ndarray) -> dict[str, Any]:
-        reply = {"ok": True, "predictions": self.classifier.top_k(probs, req.top_k), "model": self.classifier.name}
-        if req.probabilities:
-            reply["probabilities"] = encode_probabilities(probs)
-        return reply
+    def _reply(self, req: Request, probs: np.ndarray) -> Reply:
+        return Reply(ok=True, predictions=self.classifier.top_k(probs, req.top_k), model=self.classifier.name,
+                     probabilities=encode_probabilities(probs) if req.probabilities else None)
 
 
 def default_worker_name() -> str:

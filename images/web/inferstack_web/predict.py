@@ -1,0 +1,102 @@
+"""POST /predict: the seed-compatible API. Errors are {"success": false, "error": ...}."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from flask import Blueprint, Flask, Response, jsonify, request
+
+from inferstack.config import Settings
+from inferstack.contract import http
+
+from . import metrics
+from .errors import BadRequest, PayloadTooLarge, install_error_handlers
+from .inference import Inference, decode_base64
+
+STARTED = "inferstack.start"  # request.environ key: when the request arrived
+
+
+def predict_error_body(message: str) -> dict[str, Any]:
+    return {"success": False, "error": message}
+
+
+def top_k_param(raw: str | None, default: int) -> int:
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"top_k must be an integer between 1 and 1000, got {raw[:20]!r}.") from None
+    if not 1 <= value <= 1000:
+        raise BadRequest(f"top_k must be between 1 and 1000, got {value}.")
+    return value
+
+
+class PredictEndpoints:
+    def __init__(self, settings: Settings, inference: Inference) -> None:
+        self.settings = settings
+        self.inference = inference
+
+    def predict(self) -> Response:
+        request.environ[STARTED] = started = time.perf_counter()
+        top_k = top_k_param(request.args.get("top_k"), self.settings.top_k)
+        with self.inference.decode_slot():
+            # The uploads are read into memory inside the slot: they count against the same bound.
+            images, several = uploaded_images(self.settings.max_image_bytes)
+            pixels = self.inference.decode(images)
+            del images
+        results = self.inference.serve(pixels, top_k, started)
+        body: dict[str, Any] = {"success": True}
+        if several:
+            body["results"] = [{"predictions": r.predictions} for r in results]
+        else:
+            body["predictions"] = results[0].predictions
+        if results[0].model:
+            body["model"] = results[0].model
+        return jsonify(body)
+
+
+def count_request(resp: Response) -> Response:
+    """Request count by status and latency of every /predict answer, errors included."""
+    metrics.REQUESTS.labels(code=str(resp.status_code)).inc()
+    started = request.environ.get(STARTED)
+    if started is not None:
+        metrics.LATENCY.observe(time.perf_counter() - started)
+    return resp
+
+
+def register_predict_endpoints(app: Flask, endpoints: PredictEndpoints) -> None:
+    bp = Blueprint("predict", __name__)
+    bp.add_url_rule(http.PREDICT_PATH, view_func=endpoints.predict, methods=["POST"])
+    bp.after_request(count_request)
+    install_error_handlers(bp, predict_error_body, endpoints.settings.max_image_bytes)
+    app.register_blueprint(bp)
+
+
+def uploaded_images(limit: int) -> tuple[list[bytes], bool]:
+    """The encoded images of a /predict request, and whether it asked for several (-> "results")."""
+    if request.is_json:
+        return _json_images(request.get_json(silent=True))
+    uploads = request.files.getlist("image")
+    if not uploads:
+        raise BadRequest(
+            "No 'image' field in the request; send the file as multipart/form-data, "
+            'e.g. curl -F image=@cat.jpg, or JSON {"image": "<base64>"}.'
+        )
+    images = []
+    for upload in uploads:
+        data = upload.stream.read(limit + 1)
+        if len(data) > limit:
+            raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
+        images.append(data)
+    return images, len(uploads) > 1
+
+
+def _json_images(body: Any) -> tuple[list[bytes], bool]:
+    image = body.get("image") if isinstance(body, dict) else None
+    if isinstance(image, str):
+        return [decode_base64(image, "'image'")], False
+    if isinstance(image, list) and image and all(isinstance(x, str) for x in image):
+        return [decode_base64(x, f"'image'[{i}]") for i, x in enumerate(image)], True
+    raise BadRequest('A JSON body must be {"image": "<the image file, base64>"} (or a list of such strings).')
