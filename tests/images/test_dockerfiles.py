@@ -217,8 +217,10 @@ def test_gpu_worker_requirements(tmp_path: Path) -> None:
 def test_spark_worker_requirements_and_entry_point(tmp_path: Path) -> None:
     """The worker's requirements plus PySpark; Spark on Kubernetes finds its entry point and JRE."""
     reqs = requirements_from(WORKER_SPARK, tmp_path)
-    worker = [Requirement(r) for r in project()["dependencies"] + project()["optional-dependencies"]["worker"]]
-    assert names(reqs) == names(worker) | {"pyspark"}
+    extras = project()["optional-dependencies"]
+    worker = [Requirement(r) for r in project()["dependencies"] + extras["worker"]]
+    spark = [Requirement(r) for r in extras["spark"] if not r.startswith("inferstack[")]
+    assert names(reqs) == names(worker) | names(spark) and "pyspark" in names(spark)
     ops = final(WORKER_SPARK)
     env = env_of(ops)
     assert ("ENTRYPOINT", '["/opt/entrypoint.sh"]') in ops
