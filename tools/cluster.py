@@ -37,6 +37,8 @@ from typing import Any
 
 import yaml
 
+from inferstack_operator.config import OperatorSettings
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MODULE_DIR = REPO / "cluster"
 KWOK_DIR = MODULE_DIR / "kwok"
@@ -51,10 +53,13 @@ KUBECTL_ENV = "INFERSTACK_KUBECTL"
 
 SERVICE_CIDR = "10.96.0.0/16"
 POD_CIDR = "10.244.0.0/16"  # kwok hands out pod IPs from here; nothing listens on them
-CLUSTER_DOMAIN = "cluster.local"
-SA_ISSUER = "https://kubernetes.default.svc.cluster.local"
+# The operator's default domain, so in-cluster names it writes resolve as in a default cluster.
+CLUSTER_DOMAIN = OperatorSettings.cluster_domain
+SA_ISSUER = f"https://kubernetes.default.svc.{CLUSTER_DOMAIN}"
 # kwok only manages nodes carrying this annotation (kwok's own convention).
 KWOK_NODE_ANNOTATION = "kwok.x-k8s.io/node"
+# Pods with this annotation keep the status a test writes (kwok leaves them alone).
+KWOK_STATUS_ANNOTATION = {"kwok.x-k8s.io/status": "custom"}
 GPU_RESOURCE = "nvidia.com/gpu"
 
 
@@ -332,7 +337,7 @@ class ControlPlane:
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={KWOK_NODE_ANNOTATION}=fake",
                 # Pods so annotated keep the status a test writes (a crash loop, an image pull error).
-                "--disregard-status-with-annotation-selector=kwok.x-k8s.io/status=custom",
+                "--disregard-status-with-annotation-selector=" + ",".join(f"{k}={v}" for k, v in KWOK_STATUS_ANNOTATION.items()),
                 f"--cidr={POD_CIDR.replace('.0/16', '.1/16')}", "--node-ip=10.244.0.1",
                 f"--server-address=127.0.0.1:{free_port()}"]
 
@@ -376,17 +381,23 @@ class ControlPlane:
     def add_node(self, name: str, cpu: str = "1000", memory: str = "4Ti", gpus: int = 0,
                  labels: dict[str, str] | None = None) -> None:
         """A fake node that kwok keeps Ready and whose pods kwok runs (room for many test namespaces)."""
-        capacity = {"cpu": cpu, "memory": memory, "pods": "1000", **({GPU_RESOURCE: str(gpus)} if gpus else {})}
-        node = {"apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": name, "annotations": {KWOK_NODE_ANNOTATION: "fake"},
-                             "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
-                                        "type": "kwok", **(labels or {})}},
-                "spec": {},
-                "status": {"capacity": capacity, "allocatable": capacity}}
+        node = node_manifest(name, cpu, memory, gpus, labels)
         self.kubectl("apply", "-f", "-", input=json.dumps(node))
 
     def wait_node_ready(self, name: str, timeout: float = 60) -> None:
         self.kubectl("wait", "--for=condition=Ready", f"node/{name}", f"--timeout={int(timeout)}s")
+
+
+def node_manifest(name: str, cpu: str = "1000", memory: str = "4Ti", gpus: int = 0,
+                  labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A Node object kwok manages: Ready, and the pods scheduled on it Running."""
+    capacity = {"cpu": cpu, "memory": memory, "pods": "1000", **({GPU_RESOURCE: str(gpus)} if gpus else {})}
+    return {"apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "annotations": {KWOK_NODE_ANNOTATION: "fake"},
+                         "labels": {"kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                                    "type": "kwok", **(labels or {})}},
+            "spec": {},
+            "status": {"capacity": capacity, "allocatable": capacity}}
 
 
 def logs(state: pathlib.Path) -> Iterator[tuple[str, str]]:

@@ -187,7 +187,7 @@ class LocalStack:
         self.workers = []
         self.stop_redis()
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tests.kubeplane import Kube
+from tools import cluster
 
 
 def free_port() -> int:
@@ -63,7 +64,7 @@ class Container:
 class PodRunner:
     """Starts the containers of pod templates read from the API server, in a namespace."""
 
-    def __init__(self, kube: Kube, namespace: str, workdir: pathlib.Path, cluster_domain: str = "cluster.local"):
+    def __init__(self, kube: Kube, namespace: str, workdir: pathlib.Path, cluster_domain: str = cluster.CLUSTER_DOMAIN):
         self.kube, self.namespace, self.workdir, self.domain = kube, namespace, workdir, cluster_domain
         self.containers: list[Container] = []
         self.remapped: dict[str, str] = {}  # what a test may print: host:port as the pod saw it -> here

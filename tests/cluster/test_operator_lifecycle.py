@@ -11,6 +11,7 @@ import yaml
 
 from inferstack_operator import config as opconfig
 from inferstack_operator.config import AUTH_HASH_ANNOTATION
+from tools import cluster
 from tests.kubeplane import REPO, Kube, SessionOperator, wait_for
 
 EXAMPLES = REPO / "operator" / "examples"
@@ -127,11 +128,7 @@ def test_gpu_workers_wait_for_a_gpu_node_with_the_schedulers_words(control_plane
 
 
 def add_gpu_node(kube: Kube, name: str) -> None:
-    capacity = {"cpu": "32", "memory": "256Gi", "pods": "110", "nvidia.com/gpu": "4"}
-    kube.create({"apiVersion": "v1", "kind": "Node",
-                 "metadata": {"name": name, "annotations": {"kwok.x-k8s.io/node": "fake"},
-                              "labels": {"kubernetes.io/hostname": name, "type": "kwok"}},
-                 "status": {"capacity": capacity, "allocatable": capacity}})
+    kube.create(cluster.node_manifest(name, cpu="32", memory="256Gi", gpus=4))
 
 
 def test_batch_size_edit_rolls_only_the_worker_pods(control_plane: Kube, namespace: str) -> None:

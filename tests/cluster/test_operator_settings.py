@@ -10,14 +10,15 @@ import pytest
 import yaml
 
 from inferstack_operator.config import AUTH_HASH_ANNOTATION
+from tools import cluster
 from tests.kubeplane import REPO, Kube, SessionOperator, wait_for
 from tests.operator.netpol import admits
 
 EXAMPLES = REPO / "operator" / "examples"
 pytestmark = pytest.mark.usefixtures("operator")
 TIERS = (("web", "Deployment"), ("worker", "Deployment"), ("redis", "StatefulSet"))
-# kwok leaves the status of pods with this annotation to us (the flag is set in tools/cluster.py).
-KWOK_HANDS_OFF = {"kwok.x-k8s.io/status": "custom"}
+# kwok leaves the status of pods with this annotation to us.
+KWOK_HANDS_OFF = cluster.KWOK_STATUS_ANNOTATION
 
 
 def example(filename: str = "cpu-small.yaml", name: str | None = None) -> dict[str, Any]:
