@@ -50,8 +50,14 @@ def all_children(kube: Kube, ns: str, name: str) -> dict[str, dict[str, Any]]:
 
 
 def wait_ready(kube: Kube, ns: str, name: str, timeout: int = 120) -> None:
-    wait_for(lambda: kube.condition(ns, name).get("status") == "True", timeout=timeout,
-             what=lambda: f"{name} Ready: {kube.condition(ns, name)}")
+    def seen() -> str:
+        pods = [(p["metadata"]["name"], p["status"].get("phase"), p["spec"].get("nodeName"),
+                 [c.get("reason") for c in p["status"].get("conditions", [])]) for p in kube.list("Pod", ns)]
+        workloads = [(d["metadata"]["name"], d["status"]) for d in kube.list("Deployment", ns)]
+        events = [(e["involvedObject"]["name"], e["reason"], e["message"][:120]) for e in kube.list("Event", ns)][-15:]
+        return f"{name} Ready: {kube.condition(ns, name)}\npods: {pods}\nworkloads: {workloads}\nevents: {events}"
+
+    wait_for(lambda: kube.condition(ns, name).get("status") == "True", timeout=timeout, what=seen)
 
 
 def container_env(deploy: dict[str, Any]) -> dict[str, Any]:
@@ -226,7 +232,10 @@ def test_operator_killed_mid_way_resumes_without_duplicates(control_plane: Kube,
         apply(control_plane, namespace, changed)
     finally:
         operator.start()
-    wait_ready(control_plane, namespace, "mobilenet")
+    # The new process picks the change up where the old one left off: every child, the new spec.
+    all_children(control_plane, namespace, "mobilenet")
+    wait_for(lambda: control_plane.isvc(namespace, "mobilenet")["status"]["observedGeneration"] == 2, timeout=60,
+             what="the change made while no operator ran, reconciled")
     assert control_plane.get("Deployment", namespace, "mobilenet-worker")["spec"]["replicas"] == 3
     assert control_plane.get("Secret", namespace, "mobilenet-redis-auth")["data"] == secret["data"]
     selector = "app.kubernetes.io/instance=mobilenet"
