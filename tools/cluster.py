@@ -325,7 +325,9 @@ class ControlPlane:
                 f"--service-account-private-key-file={pki.path('sa.key')}", f"--root-ca-file={pki.path('ca.crt')}",
                 f"--cluster-cidr={POD_CIDR}", f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
-                "--concurrent-gc-syncs=5"]
+                "--concurrent-gc-syncs=5",
+                # Tests create and delete many namespaces: the default 20 requests/s fell behind.
+                "--kube-api-qps=200", "--kube-api-burst=400"]
 
     def _scheduler_args(self) -> list[str]:
         kube = self.state / "scheduler.kubeconfig"
