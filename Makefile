@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 # Component fragments (operator, chart, load test) add targets and prerequisites.
 -include mk/*.mk
-.PHONY: help venv redis java run test test-fast loadtest bench bench-batch lint lint-imports images chart clean
+.PHONY: help venv redis java run test test-fast loadtest bench bench-tax bench-batch lint lint-imports images chart clean
 
 help:
 	@echo "make run        redis + $(WORKERS) worker(s) + gunicorn on http://127.0.0.1:5000 (WORKERS=N)"
@@ -19,6 +19,7 @@ help:
 	@echo "make cluster    a local Kubernetes control plane in the foreground (.cluster/kubeconfig)"
 	@echo "make loadtest   locust, headless, against the local stack (or HOST=...)"
 	@echo "make bench      served vs raw throughput and latency, JSON + PNG under bench/results/"
+	@echo "make bench-tax  the serving tax: worker fed from Redis vs raw, web CPU per image, JSON under bench/results/"
 	@echo "make bench-batch  inferstack batch (Spark) vs raw model vs inferstack classify, JSON under bench/results/"
 	@echo "make lint       hadolint on the Dockerfiles, helm lint on the chart, import layers (lint-imports)"
 	@echo "make images     docker build of web, worker (CPU, GPU) and operator images"
@@ -53,6 +54,9 @@ loadtest: venv redis
 
 bench: venv redis
 	$(BIN)/python bench/bench.py
+
+bench-tax: venv redis
+	$(BIN)/python bench/serving_tax.py
 
 bench-batch: venv redis java
 	$(BIN)/python bench/batch.py

@@ -49,11 +49,11 @@ def photo_jpeg() -> bytes:
     return buf.getvalue()
 
 
-def multipart(data: bytes) -> tuple[bytes, str]:
+def multipart(data: bytes, mime: str = "image/jpeg") -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"cat.jpg\"\r\n"
-        f"Content-Type: image/jpeg\r\n\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"upload\"\r\n"
+        f"Content-Type: {mime}\r\n\r\n"
     ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
 
@@ -301,17 +301,27 @@ def compare_runtimes(args: argparse.Namespace) -> int:
     result = {
         "model": args.model, "batch_size": args.batch_size, "duration_s_per_point": args.duration,
         "rounds": args.rounds, "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "cpu": ov.Core().get_property("CPU", "FULL_DEVICE_NAME"),
-                    "openvino_capabilities": list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
-                    "flags": sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx", "fma")))},
+        "machine": {**machine(), "cpu": ov.Core().get_property("CPU", "FULL_DEVICE_NAME"),
+                    "openvino_capabilities": list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))},
         "results": rows,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "runtimes.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {out / 'runtimes.json'}")
+    write_result(args.out, "runtimes.json", result)
     return 0
+
+
+def machine() -> dict:
+    """What a figure was measured on: the ratios depend on these CPU flags."""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "flags": sorted(f for f in _cpu_flags() if f.startswith(("avx", "amx", "fma")))}
+
+
+def write_result(out_dir: str, name: str, result: dict) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return path
 
 
 def _cpu_flags() -> set[str]:
@@ -390,7 +400,7 @@ def main() -> int:
     result = {
         "model": args.model,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": machine(),
         "duration_s_per_point": args.duration,
         "raw": raw,
         "served": served,

@@ -123,9 +123,10 @@ def _shrink(im: Image.Image, side: int) -> Image.Image:
         return Image.merge(im.mode, [im.getchannel(band).reduce(factor) for band in im.getbands()])
     if factor >= 2 and im.mode not in _NO_REDUCE:
         return im.reduce(factor)  # block averaging straight into a small image
-    target = (min(im.width, side), min(im.height, side))
-    if target == im.size:
+    if im.width * im.height <= 2 * side * side:
+        # Already small: one resize later costs less than two (measured: 451x300 2.0 vs 3.3 ms).
         return im
+    target = (min(im.width, side), min(im.height, side))
     # Palette indices cannot be averaged: sample them (Pillow does the same for "1" and "P").
     resample = Image.Resampling.NEAREST if im.mode in ("1", "P", "PA") else Image.Resampling.BOX
     return im.resize(target, resample)
