@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 
 # Component fragments (operator, chart, load test) add targets and prerequisites.
 -include mk/*.mk
-.PHONY: help venv redis java run test test-fast loadtest bench bench-tax bench-batch lint lint-imports images chart clean
+.PHONY: help venv redis java run test test-fast loadtest bench bench-tax bench-peers bench-batch lint lint-imports images chart clean
 
 help:
 	@echo "make run        redis + $(WORKERS) worker(s) + gunicorn on http://127.0.0.1:5000 (WORKERS=N)"
@@ -20,6 +20,7 @@ help:
 	@echo "make loadtest   locust, headless, against the local stack (or HOST=...)"
 	@echo "make bench      served vs raw throughput and latency, JSON + PNG under bench/results/"
 	@echo "make bench-tax  the serving tax: worker fed from Redis vs raw, web CPU per image, JSON under bench/results/"
+	@echo "make bench-peers  ours vs Ray Serve, LitServe and mosec on the same OpenVINO IR (own venv), JSON under bench/results/"
 	@echo "make bench-batch  inferstack batch (Spark) vs raw model vs inferstack classify, JSON under bench/results/"
 	@echo "make lint       hadolint on the Dockerfiles, helm lint on the chart, import layers (lint-imports)"
 	@echo "make images     docker build of web, worker (CPU, GPU) and operator images"
@@ -57,6 +58,16 @@ bench: venv redis
 
 bench-tax: venv redis
 	$(BIN)/python bench/serving_tax.py
+
+# The peers get their own environment: they are measured, not shipped.
+PEERS_VENV := bench/peer_servers/.venv
+$(PEERS_VENV)/.stamp: bench/peer_servers/requirements.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/pip install -q -r bench/peer_servers/requirements.txt
+	touch $@
+
+bench-peers: venv redis $(PEERS_VENV)/.stamp
+	$(BIN)/python bench/peers.py
 
 bench-batch: venv redis java
 	$(BIN)/python bench/batch.py
