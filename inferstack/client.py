@@ -98,8 +98,12 @@ def read_image_file(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_B
     except OSError as exc:
         raise ClassifyError(f"cannot read the file: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as fh:
-        _check_regular(os.fstat(fh.fileno()), max_bytes)
-        data = fh.read(max_bytes + 1)
+        st = os.fstat(fh.fileno())
+        _check_regular(st, max_bytes)
+        # read(n) allocates n bytes up front: ask for the file's size, and the cap only if it grows.
+        data = fh.read(st.st_size + 1)
+        if len(data) > st.st_size:
+            data += fh.read(max_bytes + 1 - len(data))
     if len(data) > max_bytes:  # it grew since fstat
         raise SkippedFile(f"skipped: over the {max_bytes}-byte limit (--max-bytes)")
     return data
