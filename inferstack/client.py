@@ -7,9 +7,15 @@ Also a library:
 
 Each image is one `POST /predict` (so one bad file fails alone), sent over N keep-alive
 connections; a 503 is retried after its Retry-After. Results are JSON Lines, one per image, in
-completion order: {"path", "predictions"} or {"path", "error", "status"}. A re-run with the same
---out skips images already answered there (an interrupted run resumes where it stopped) and
-retries those that failed for a reason that may pass (5xx, connection errors).
+walk order: {"path", "predictions"} or {"path", "error", "status"} (plus "skipped": true for a file
+never sent: not a regular file, or over --max-bytes). A re-run with the same --out skips images
+already answered there (an interrupted run resumes where it stopped) and retries those that failed
+for a reason that may pass (5xx, connection errors, skipped files); lines of it that are not such
+records are reported and dropped.
+
+The walk streams: one directory's sorted names at a time (depth-first, directories in name order),
+never the whole tree; at most 2 x --concurrency images are in flight, and their results are written
+oldest first, so the output order is the walk order whatever the response times.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -32,12 +40,17 @@ from tqdm import tqdm
 
 from inferstack.contract.http import LOCAL_WEB_PORT, PREDICT_PATH
 from inferstack.contract.media import IMAGE_SUFFIXES
+from inferstack.contract.settings import default as setting_default
 
 DEFAULT_RETRIES = 8
 # The client's own setting (not a server one): where `inferstack classify` sends images.
 URL_ENV = "INFERSTACK_URL"
 LOCAL_URL = f"http://127.0.0.1:{LOCAL_WEB_PORT}"
 MAX_BACKOFF_S = 30.0
+# The server's default upload limit: a larger file would only earn a 413.
+DEFAULT_MAX_BYTES: int = setting_default("max_image_bytes")
+# open() flags for an image: never wait for a FIFO's writer, never adopt a terminal.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 class ClassifyError(Exception):
@@ -52,6 +65,48 @@ class ClassifyError(Exception):
     def retryable(self) -> bool:
         """Could a later run succeed? Not for a bad image (4xx)."""
         return self.status is None or self.status >= 500
+
+
+class SkippedFile(ClassifyError):
+    """A path that is not a regular file of at most the size cap: never sent (nor read)."""
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _check_regular(st: os.stat_result, max_bytes: int) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise SkippedFile(f"skipped: {_file_kind(st.st_mode)}, not a regular file")
+    if st.st_size > max_bytes:
+        raise SkippedFile(f"skipped: {st.st_size} bytes, over the {max_bytes}-byte limit (--max-bytes)")
+
+
+def read_image_file(path: str | os.PathLike[str], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes`` (a symlink to one is fine).
+
+    Anything else raises SkippedFile without being read: stat first (so a device is never opened),
+    then open non-blocking (a FIFO swapped in since cannot block us) and check the open file again.
+    """
+    try:
+        _check_regular(os.stat(path), max_bytes)
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise ClassifyError(f"cannot read the file: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        st = os.fstat(fh.fileno())
+        _check_regular(st, max_bytes)
+        # read(n) allocates n bytes up front: ask for the file's size, and the cap only if it grows.
+        data = fh.read(st.st_size + 1)
+        if len(data) > st.st_size:
+            data += fh.read(max_bytes + 1 - len(data))
+    if len(data) > max_bytes:  # it grew since fstat
+        raise SkippedFile(f"skipped: over the {max_bytes}-byte limit (--max-bytes)")
+    return data
 
 
 def iter_images(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str]:
@@ -84,9 +139,11 @@ def _retry_after(value: str | None, default: float) -> float:
 class Client:
     """A /predict client; thread-safe, with one keep-alive connection per thread."""
 
-    def __init__(self, url: str, top_k: int = 5, timeout_s: float = 120.0, retries: int = DEFAULT_RETRIES) -> None:
+    def __init__(self, url: str, top_k: int = 5, timeout_s: float = 120.0, retries: int = DEFAULT_RETRIES,
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith(PREDICT_PATH) else PREDICT_PATH)
         self.top_k = top_k
+        self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.retries = retries
         self._local = threading.local()
@@ -116,7 +173,7 @@ class Client:
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
                 continue
             if resp.status_code == 200:
-                return resp.json()["predictions"]
+                return _predictions(resp)
             if resp.status_code in (503, 504) and not last:
                 # The service is busy: wait as long as it asks (503), or back off (504).
                 time.sleep(min(_retry_after(resp.headers.get("Retry-After"), backoff), MAX_BACKOFF_S))
@@ -126,11 +183,18 @@ class Client:
         raise AssertionError("unreachable")
 
     def classify_file(self, path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ClassifyError(f"cannot read the file: {exc.strerror}") from None
-        return self.classify(data, os.path.basename(path))
+        return self.classify(read_image_file(path, self.max_bytes), os.path.basename(path))
+
+
+def _predictions(resp: requests.Response) -> list[dict[str, Any]]:
+    """A 200's predictions; a 200 without them (a proxy's page, a truncated body) is this image's error."""
+    try:
+        predictions = resp.json()["predictions"]
+    except (ValueError, KeyError, TypeError):
+        predictions = None
+    if not isinstance(predictions, list):
+        raise ClassifyError(f"HTTP 200 without a predictions list: {resp.text[:200]!r}")
+    return predictions
 
 
 def _error_text(resp: requests.Response) -> str:
@@ -146,6 +210,7 @@ class Summary:
     failed: int = 0
     skipped: int = 0  # already answered in --out
     earlier_failures: int = 0  # final failures recorded by an earlier run
+    not_sent: int = 0  # of the failed: files skipped (not regular, or over the size cap)
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -153,36 +218,66 @@ class Summary:
         return self.failed == 0 and self.earlier_failures == 0
 
 
-def load_done(out: Path) -> tuple[set[str], int]:
-    """Paths answered in an earlier run's output, and how many of them failed for good.
+@dataclass
+class Resume:
+    """What an earlier run's --out says: the paths answered, how many failed for good, bad lines."""
 
-    Rewrites the file without its retryable failures (they are tried again) and without a line
-    torn by a kill, so each path ends up in it exactly once.
+    done: set[str] = field(default_factory=set)
+    failures: int = 0
+    ignored: list[str] = field(default_factory=list)  # "line N: why", for the user
+
+
+def _record_problem(record: Any) -> str | None:
+    """Why a resume line is not a record this client writes, or None when it is one."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if not isinstance(record.get("path"), str):
+        return "path is not a string"
+    if "error" in record:
+        status = record.get("status")
+        if status is not None and (isinstance(status, bool) or not isinstance(status, int)):
+            return f"status {status!r} is not an HTTP status"
+        return None
+    if not isinstance(record.get("predictions"), list):
+        return "neither predictions (a list) nor error"
+    return None
+
+
+def load_done(out: Path) -> Resume:
+    """Paths answered in an earlier run's output, how many of them failed for good, lines ignored.
+
+    Rewrites the file without its retryable failures (they are tried again), without a line torn by
+    a kill and without lines that are not records, so each path ends up in it exactly once.
     """
+    resume = Resume()
     if not out.exists():
-        return set(), 0
-    done: set[str] = set()
-    failures = 0
+        return resume
     kept: list[str] = []
-    with out.open(encoding="utf-8") as fh:
-        for line in fh:
+    with out.open(encoding="utf-8", errors="replace") as fh:
+        for number, line in enumerate(fh, 1):
             try:
                 record = json.loads(line)
-                path = record["path"]
-            except (ValueError, KeyError, TypeError):
-                continue  # a line torn by a kill
-            if not line.endswith("\n") or path in done:
+            except ValueError:
+                record = None
+            problem = "not JSON" if record is None else _record_problem(record)
+            if problem is None and not line.endswith("\n"):
+                problem = "torn (no newline at the end)"
+            if problem is not None:
+                resume.ignored.append(f"line {number}: {problem}")
+                continue
+            path = record["path"]
+            if path in resume.done:
                 continue
             if "error" in record:
                 if ClassifyError("", record.get("status")).retryable:
                     continue
-                failures += 1
-            done.add(path)
+                resume.failures += 1
+            resume.done.add(path)
             kept.append(line)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(kept), encoding="utf-8")
     os.replace(tmp, out)
-    return done, failures
+    return resume
 
 
 def classify_paths(
@@ -193,39 +288,35 @@ def classify_paths(
     skip: set[str] | None = None,
     progress: bool | None = None,
 ) -> Summary:
-    """Classify every image under `paths`, writing one JSON line per image to `sink`."""
+    """Classify every image under `paths`, writing one JSON line per image to `sink`, in walk order."""
     summary = Summary()
     skip = skip or set()
-    todo = []
-    for p in iter_images(paths):
-        if p in skip:
-            summary.skipped += 1
-        else:
-            todo.append(p)
-    bar = tqdm(total=len(todo), unit="img", disable=None if progress is None else not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    # The walk streams, so the total is unknown: the bar counts and shows the rate.
+    bar = tqdm(unit="img", disable=None if progress is None else not progress, file=sys.stderr, dynamic_ncols=True)
 
     def one(path: str) -> dict[str, Any]:
         try:
             return {"path": path, "predictions": client.classify_file(path)}
+        except SkippedFile as exc:
+            return {"path": path, "error": exc.message, "status": None, "skipped": True}
         except ClassifyError as exc:
             return {"path": path, "error": exc.message, "status": exc.status}
 
-    pending: set[Future[dict[str, Any]]] = set()
-    queue = iter(todo)
+    # Oldest first: the window holds the requests in flight (and a few queued) in walk order.
+    window: deque[Future[dict[str, Any]]] = deque()
     with ThreadPoolExecutor(concurrency, thread_name_prefix="classify") as pool:
         try:
-            # Keep a bounded number in flight so a huge listing is not read into futures at once.
-            for path in queue:
-                pending.add(pool.submit(one, path))
-                if len(pending) >= concurrency * 2:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    _record(finished, sink, summary, bar)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                _record(finished, sink, summary, bar)
+            for path in iter_images(paths):
+                if path in skip:
+                    summary.skipped += 1
+                    continue
+                window.append(pool.submit(one, path))
+                if len(window) >= concurrency * 2:
+                    _record(window.popleft().result(), sink, summary, bar)
+            while window:
+                _record(window.popleft().result(), sink, summary, bar)
         except KeyboardInterrupt:
-            for f in pending:
+            for f in window:
                 f.cancel()
             raise
         finally:
@@ -233,17 +324,24 @@ def classify_paths(
     return summary
 
 
-def _record(finished: set[Future[dict[str, Any]]], sink: IO[str], summary: Summary, bar: tqdm) -> None:
-    for f in finished:
-        record = f.result()
-        sink.write(json.dumps(record) + "\n")
-        sink.flush()  # a killed run keeps every line it reported
-        if "error" in record:
-            summary.failed += 1
-            summary.failures.append(f"{record['path']}: {record['error']}")
-        else:
-            summary.done += 1
-        bar.update(1)
+def _record(record: dict[str, Any], sink: IO[str], summary: Summary, bar: tqdm) -> None:
+    sink.write(json.dumps(record) + "\n")
+    sink.flush()  # a killed run keeps every line it reported
+    if "error" in record:
+        summary.failed += 1
+        summary.not_sent += bool(record.get("skipped"))
+        summary.failures.append(f"{record['path']}: {record['error']}")
+    else:
+        summary.done += 1
+    bar.update(1)
+
+
+def _report_ignored(out: Path, ignored: list[str]) -> None:
+    if ignored:
+        print(f"inferstack: ignored {len(ignored)} line(s) of {out} that are not results (dropped from it):",
+              file=sys.stderr)
+        for line in ignored[:10]:
+            print(f"  {line}", file=sys.stderr)
 
 
 def _batch(argv: list[str]) -> None:
@@ -272,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--out", help="JSON Lines file; a re-run skips images already answered in it")
     c.add_argument("--retries", type=int, default=DEFAULT_RETRIES, help="retries on 503/504/network errors")
     c.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    c.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                   help=f"skip files larger than this (default {DEFAULT_MAX_BYTES}, the server's default limit)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     # Only argparse and NumPy load here: TensorFlow and Spark wait until `finetune` runs.
     from inferstack_offline.finetune import cli as finetune_cli
@@ -287,16 +387,19 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--top-k must be between 1 and 1000")
     if args.concurrency < 1:
         parser.error("--concurrency must be >= 1")
-    client = Client(args.url, top_k=args.top_k, timeout_s=args.timeout, retries=args.retries)
+    if args.max_bytes < 1:
+        parser.error("--max-bytes must be >= 1")
+    client = Client(args.url, top_k=args.top_k, timeout_s=args.timeout, retries=args.retries, max_bytes=args.max_bytes)
     progress = False if args.no_progress else None
     t0 = time.monotonic()
     try:
         if args.out:
             out = Path(args.out)
-            skip, earlier = load_done(out)
+            resume = load_done(out)
+            _report_ignored(out, resume.ignored)
             with out.open("a", encoding="utf-8") as sink:
-                summary = classify_paths(args.paths, client, sink, args.concurrency, skip, progress)
-            summary.earlier_failures = earlier
+                summary = classify_paths(args.paths, client, sink, args.concurrency, resume.done, progress)
+            summary.earlier_failures = resume.failures
         else:
             summary = classify_paths(args.paths, client, sys.stdout, args.concurrency, None, progress)
     except KeyboardInterrupt:
@@ -309,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
         f"({summary.earlier_failures} of them failed earlier) in {elapsed:.1f} s ({rate:.1f} images/s)",
         file=sys.stderr,
     )
+    if summary.not_sent:
+        print(f"inferstack: {summary.not_sent} of the failed were skipped unread: not regular files, or over "
+              f"--max-bytes ({args.max_bytes})", file=sys.stderr)
     for line in summary.failures[:10]:
         print(f"  failed: {line}", file=sys.stderr)
     sys.exit(0 if summary.ok else 1)

@@ -256,6 +256,17 @@ def web_memory_limit_bytes(settings: Settings) -> int:
     return WEB_POD_BASELINE_BYTES + settings.web_processes * per_process
 
 
+# The web pod's /tmp never shrinks below this (HOME=/tmp too: caches, gunicorn's heartbeat files).
+WEB_TMP_MIN_BYTES = 256 * 1024 * 1024
+
+
+def web_tmp_bytes(settings: Settings) -> int:
+    """The web pod's /tmp (emptyDir) size: the uploads spooled to disk at once, at most max_image_bytes
+    each: per process, one per decode slot being decoded and one per slot received and waiting for it."""
+    spooled = settings.web_processes * 2 * settings.decode_concurrency * settings.max_image_bytes
+    return max(WEB_TMP_MIN_BYTES, WEB_POD_BASELINE_BYTES + spooled)
+
+
 def markdown_table() -> str:
     """The configuration table of docs/configuration.md."""
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"] + [s.doc_row() for s in SETTINGS]

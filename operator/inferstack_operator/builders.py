@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferstack.contract import http
-from inferstack.contract.settings import Settings, env_name, web_memory_limit_bytes
+from inferstack.contract.settings import Settings, env_name, web_memory_limit_bytes, web_tmp_bytes
 from inferstack_operator import builders_autoscaling as autoscaling
 from inferstack_operator import credentials as cred
 from inferstack_operator.builders_security import (
@@ -247,17 +247,31 @@ def build_web_deployment(r: Resolved, settings: OperatorSettings) -> Manifest:
         "terminationGracePeriodSeconds": r.request_timeout_s + 10,
         "topologySpreadConstraints": _spread(r, WEB),
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": _mebibytes(web_tmp_bytes(web_settings(r)))}}],
     }
     replicas = None if r.web_autoscaling else r.web_replicas
     return _deployment(web_name(r.name), r, WEB, replicas, {"maxUnavailable": 0, "maxSurge": 1},
                        r.web, pod_spec)
 
 
+def web_settings(r: Resolved) -> Settings:
+    """The settings the web container runs with: the table's defaults, then the ConfigMap, then its
+    env (ours over the user's spec.web.env). spec.resolve checked the user's settings values are
+    literal and valid, so this is what the processes will read."""
+    env, _ = merge_env(web_env(r), r.web.env, _reserved(WEB, r))
+    values = dict(config_data(r))
+    values.update({e["name"]: str(e.get("value", "")) for e in env if "valueFrom" not in e})
+    return Settings.from_env(values)
+
+
 def web_memory_limit(r: Resolved) -> str:
     """The web container's default memory limit: what bounded decoding guarantees a pod never exceeds."""
-    limit = web_memory_limit_bytes(Settings(max_image_bytes=r.max_image_bytes))
-    return f"{-(-limit // 2**20)}Mi"
+    return _mebibytes(web_memory_limit_bytes(web_settings(r)))
+
+
+def _mebibytes(size: int) -> str:
+    """A byte count as a quantity, rounded up to a whole MiB."""
+    return f"{-(-size // 2**20)}Mi"
 
 
 def _location_path(loc: Location) -> str:

@@ -13,7 +13,7 @@ operator Deployment). Every one is optional:
 | ``INFERSTACK_OPERATOR_RESYNC_SECONDS`` | ``60`` | period of the timer that repairs children and refreshes status |
 | ``INFERSTACK_CLUSTER_DOMAIN`` | ``cluster.local`` | the cluster's DNS domain, for the Redis URL the pods get and ``status.url`` |
 | ``INFERSTACK_KEDA_NAMESPACE`` | ``keda`` | the namespace of KEDA's operator: the Redis NetworkPolicy admits it when ``spec.worker.autoscaling`` is on |
-| ``INFERSTACK_ALLOWED_IMAGES`` | (empty) | comma-separated image prefixes (end each with ``/``); a ``spec.web.image`` or ``spec.worker.image`` outside them is ``InvalidSpec``. Empty: any image |
+| ``INFERSTACK_ALLOWED_IMAGES`` | (empty) | comma-separated image prefixes, matched at a path boundary (``registry.io/ml/`` allows ``registry.io/ml/web``, not ``registry.io/ml-evil/x``; ``repo:`` one repository; ``repo:tag``, ``repo@digest`` one image; see imagepolicy.py); a ``spec.web.image`` or ``spec.worker.image`` outside them, or a ``spec.*.env`` name that changes what code runs (``PYTHONPATH``, ``LD_PRELOAD``, ...), is ``InvalidSpec``. Empty: any image |
 | ``INFERSTACK_OPERATOR_NAMESPACE`` | (empty) | ``inferstack-operator`` without ``--namespace``/``--all-namespaces``: watch this namespace (comma-separated for several); empty means all namespaces |
 """
 
@@ -23,6 +23,8 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from inferstack_operator import imagepolicy
 
 GROUP = "inferstack.dev"
 VERSION = "v1alpha1"
@@ -135,6 +137,12 @@ class OperatorSettings:
         keda = (env.get(ENV_KEDA_NAMESPACE) or cls.keda_namespace).strip()
         if not NAMESPACE.match(keda) or len(keda) > 63:
             raise SettingsError(f"{ENV_KEDA_NAMESPACE} must be a namespace name, got {keda!r}")
+        allowed = _names(env.get(ENV_ALLOWED_IMAGES))
+        for entry in allowed:
+            try:
+                imagepolicy.parse_rule(entry)
+            except ValueError as e:
+                raise SettingsError(f"{ENV_ALLOWED_IMAGES}: {e}") from None
         return cls(
             web_image=env.get(ENV_WEB_IMAGE) or cls.web_image,
             worker_image=env.get(ENV_WORKER_IMAGE) or cls.worker_image,
@@ -145,7 +153,7 @@ class OperatorSettings:
             cluster_domain=domain,
             watch_namespaces=_names(env.get(ENV_WATCH_NAMESPACE)),
             keda_namespace=keda,
-            allowed_images=_names(env.get(ENV_ALLOWED_IMAGES)),
+            allowed_images=allowed,
         )
 
 

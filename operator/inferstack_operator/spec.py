@@ -16,9 +16,9 @@ from typing import Any
 
 from kubernetes.utils import parse_quantity
 
-from inferstack.contract.settings import PRECISIONS, RUNTIMES
+from inferstack.contract.settings import BY_ENV, PRECISIONS, RUNTIMES, ConfigError, Settings
 from inferstack.contract.settings import default as setting_default
-from inferstack_operator import names
+from inferstack_operator import imagepolicy, names
 from inferstack_operator.credentials import RedisAuth
 from inferstack_operator.reasons import SpecError
 
@@ -338,13 +338,21 @@ def _web_ingress(spec: Mapping[str, Any]) -> tuple[Mapping[str, Any], ...] | Non
 
 
 def check_images(r: Resolved, allowed_prefixes: tuple[str, ...]) -> None:
-    """With an operator allowlist, every spec.*.image must start with one of its prefixes."""
+    """With an operator allowlist, every spec.*.image must be on it (imagepolicy.py says how an entry
+    matches), and no tier's env may change what code the allowed images run."""
     if not allowed_prefixes:
         return
+    rules = tuple(imagepolicy.parse_rule(p) for p in allowed_prefixes)
     for where, image in (("spec.web.image", r.web.image), ("spec.worker.image", r.worker.image)):
-        if image is not None and not image.startswith(allowed_prefixes):
-            raise SpecError(f"{where} {image!r} is not allowed by this operator: images must start with "
-                            f"{' or '.join(repr(p) for p in allowed_prefixes)}")
+        if image is not None and not imagepolicy.image_allowed(image, rules):
+            raise SpecError(f"{where} {image!r} is not allowed by this operator: images must be under "
+                            f"{' or '.join(repr(p) for p in allowed_prefixes)} (see INFERSTACK_ALLOWED_IMAGES)")
+    for where, options in (("spec.web.env", r.web), ("spec.worker.env", r.worker), ("spec.redis.env", r.redis)):
+        refused = imagepolicy.refused_env(options.env)
+        if refused:
+            raise SpecError(f"{where} sets {', '.join(refused)}: with an image allowlist, env that changes what "
+                            f"code the image runs (module or library search paths, preloads, start-up "
+                            f"files) is not allowed; bake it into an allowed image instead")
 
 
 # Spec defaults that are also process settings: one value, from the contract's settings table.
@@ -389,13 +397,33 @@ def _model_fields(model: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _check_settings_env(env: tuple[Mapping[str, Any], ...], where: str) -> None:
+    """The web pod's memory limit and /tmp size follow its settings, so a settings variable in its
+    env must be a literal the operator can read, and a valid one (else the pods would crash-loop)."""
+    literal: dict[str, str] = {}
+    for item in env:
+        name = item["name"]
+        if name not in BY_ENV:
+            continue
+        if "valueFrom" in item:
+            raise SpecError(f"{where} {name} uses valueFrom; give it a literal value: the operator sizes the "
+                            f"web pod's memory and /tmp from its settings")
+        literal[name] = str(item.get("value", ""))
+    try:
+        Settings.from_env(literal)
+    except ConfigError as e:
+        raise SpecError(f"{where}: {e}") from None
+
+
 def _web_fields(web: Mapping[str, Any]) -> dict[str, Any]:
     """spec.web: the gunicorn tier."""
+    options = _pod_options(web, "spec.web")
+    _check_settings_env(options.env, "spec.web.env")
     return {
         "web_replicas": _int(web, "replicas", "spec.web", 2, 0, 1000),
         "request_timeout_s": _int(web, "requestTimeoutSeconds", "spec.web", DEFAULT_REQUEST_TIMEOUT_S, 1, 3600),
         "max_image_bytes": _int(web, "maxImageBytes", "spec.web", DEFAULT_MAX_IMAGE_BYTES, 1024, 100 * 1024 * 1024),
-        "web": _pod_options(web, "spec.web"),
+        "web": options,
         "web_autoscaling": _web_autoscaling(web),
     }
 

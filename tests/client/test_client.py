@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
+import resource
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import requests
 
-from inferstack.client import Client, ClassifyError, iter_images
+from inferstack.client import Client, ClassifyError, classify_paths, iter_images
 from tests.helpers import DIGIT_LABELS, digits_env, encode, stack_log, wait_for
 
 CLI = str(Path(sys.executable).with_name("inferstack"))
@@ -142,3 +147,118 @@ def test_library_raises_with_the_services_error(stack, folder):
     with pytest.raises(ClassifyError) as info:
         client.classify(b"nope", "x.png")
     assert info.value.status == 400 and not info.value.retryable and "image" in info.value.message
+
+
+def limited_memory() -> None:
+    """The CLI's address space capped at 4 GiB: reading /dev/zero unbounded ends in MemoryError, not a swapped host."""
+    resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+
+def test_only_regular_files_under_the_size_cap_are_read(stack, folder, tmp_path):
+    good = sorted(folder["truth"])[0]
+    root = tmp_path / "odd"
+    root.mkdir()
+    (root / "a-good.png").symlink_to(good)  # a symlink to a regular file is fine
+    (root / "fifo.jpg").parent.mkdir(exist_ok=True)
+    os.mkfifo(root / "fifo.jpg")  # nobody writes to it: a plain open() would wait forever
+    (root / "zero.jpg").symlink_to("/dev/zero")  # endless
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(root / "sock.png"))
+    (root / "huge.png").write_bytes(Path(good).read_bytes() + b"\0" * 5000)
+    cap = Path(good).stat().st_size + 100
+    try:
+        done = subprocess.run([CLI, "classify", str(root), "--url", stack.url, "--no-progress",
+                               "--max-bytes", str(cap)], capture_output=True, text=True, timeout=60,
+                              preexec_fn=limited_memory)
+    finally:
+        listener.close()
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1, done.stderr
+    by_name = {Path(r["path"]).name: r for r in map(json.loads, done.stdout.splitlines())}
+    assert len(by_name["a-good.png"]["predictions"]) == 5
+    expected = {"fifo.jpg": "a FIFO", "zero.jpg": "a character device", "sock.png": "a socket",
+                "huge.png": f"over the {cap}-byte limit"}
+    for name, why in expected.items():
+        record = by_name[name]
+        assert record["skipped"] is True and why in record["error"] and "predictions" not in record, record
+    assert "4 of the failed were skipped unread" in done.stderr, done.stderr
+
+
+class CountingWalk:
+    """The paths of a folder, counting how many the client has taken so far."""
+
+    def __init__(self, root: Path) -> None:
+        self.paths = list(iter_images([root]))
+        self.taken = 0
+
+    def __iter__(self):
+        for path in self.paths:
+            self.taken += 1
+            yield path
+
+
+def test_walk_streams_and_results_come_in_walk_order(stack, folder):
+    walk = CountingWalk(folder["root"])
+    ahead: list[int] = []
+
+    class Sink(io.StringIO):
+        def write(self, text: str) -> int:
+            ahead.append(walk.taken - len(ahead))  # paths taken from the walk but not yet written
+            return super().write(text)
+
+    sink, concurrency = Sink(), 4
+    # classify_paths takes any iterable of paths: here the folder's walk, counted as it is consumed.
+    summary = classify_paths(walk, Client(stack.url, top_k=1), sink, concurrency, progress=False)
+    written = [json.loads(line)["path"] for line in sink.getvalue().splitlines()]
+    assert written == walk.paths, "results in walk order"
+    assert summary.done + summary.failed == len(walk.paths) == 200
+    assert max(ahead) <= 2 * concurrency, f"the client took {max(ahead)} paths ahead of its output"
+
+
+def test_resume_file_lines_that_are_not_results_are_reported_and_ignored(stack, folder, tmp_path):
+    files = sorted(folder["truth"])[:3]
+    out = tmp_path / "resume.jsonl"
+    good = json.dumps({"path": files[0], "predictions": [{"label": "x", "probability": 1.0}]})
+    bad = ['{"path": ["x"]}', json.dumps({"path": files[1], "error": "busy", "status": "503"}), "[1, 2]",
+           json.dumps({"path": files[2]}), "not json", json.dumps({"path": files[1], "error": "x", "status": True})]
+    out.write_text("\n".join([good, *bad]) + "\n")
+    done = subprocess.run([CLI, "classify", *files, "--url", stack.url, "--out", str(out), "--no-progress"],
+                          capture_output=True, text=True, timeout=120)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 0, done.stderr
+    assert f"ignored {len(bad)} line(s) of {out}" in done.stderr and "line 3: status '503'" in done.stderr
+    assert "2 classified" in done.stderr and "1 already done" in done.stderr, done.stderr
+    records = read_lines(out)
+    assert [r["path"] for r in records] == files and all("predictions" in r for r in records)
+
+
+class NoPredictions(BaseHTTPRequestHandler):
+    """A front that answers 200 without predictions (a proxy's page, a truncated body): no real stack does."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = {"/predict": b'{"model": "x"}'}.get(self.path.split("?")[0], b"<html>ok</html>")
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_200_without_predictions_is_that_images_error(folder, tmp_path):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoPredictions)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    files = sorted(folder["truth"])[:2]
+    try:
+        done = subprocess.run([CLI, "classify", *files, "--url", f"http://127.0.0.1:{server.server_port}",
+                               "--no-progress"], capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode == 1 and "2 failed" in done.stderr, done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["path"] for r in records] == files
+    assert all(r["error"].startswith("HTTP 200 without a predictions list") and r["status"] is None for r in records)

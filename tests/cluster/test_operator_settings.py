@@ -198,3 +198,48 @@ def test_ephemeral_sample_is_deleted_without_the_operator(control_plane: Kube, n
         operator.start()
     wait_for(lambda: control_plane.isvc(namespace, "regular") is None, timeout=60,
              what="the regular one released once the operator is back")
+
+
+def test_image_allowlist_refuses_code_loading_env_and_sizes_web_from_its_settings(
+        control_plane: Kube, namespace: str, operator: SessionOperator, run_operator: Any) -> None:
+    from kubernetes.utils import parse_quantity
+
+    from inferstack.contract.settings import Settings, web_memory_limit_bytes, web_tmp_bytes
+
+    def ready() -> dict[str, Any]:
+        return control_plane.condition(namespace, "mobilenet")
+
+    operator.stop()  # the session's operator has no allowlist; this one serves only this namespace
+    guarded = run_operator(f"--namespace={namespace}", env={"INFERSTACK_ALLOWED_IMAGES": "registry.io/inferstack"})
+    try:
+        body = example()
+        body["spec"]["worker"]["env"] = [{"name": "PYTHONPATH", "value": "/mnt/models"}]
+        apply(control_plane, namespace, body)
+        cond = wait_for(lambda: (c := ready()).get("reason") == "InvalidSpec" and c, timeout=60,
+                        what="InvalidSpec for PYTHONPATH")
+        assert cond["status"] == "False" and cond["message"].startswith(
+            "spec.worker.env sets PYTHONPATH: with an image allowlist"), cond
+        assert control_plane.get("Deployment", namespace, "mobilenet-worker") is None  # nothing was created
+        # A name that only starts like an allowed prefix is another repository.
+        patch_isvc(control_plane, namespace, "mobilenet", {"worker": {"env": None,
+                                                                      "image": "registry.io/inferstack-evil/x:1"}})
+        wait_for(lambda: "spec.worker.image 'registry.io/inferstack-evil/x:1' is not allowed" in ready()["message"],
+                 what="InvalidSpec for the look-alike image")
+        # Allowed: the web pod is sized from its effective settings (the CR's field and its env).
+        big = 50 * 1024 * 1024
+        patch_isvc(control_plane, namespace, "mobilenet", {
+            "worker": {"image": "registry.io/inferstack/worker:1"},
+            "web": {"maxImageBytes": big, "env": [{"name": "INFERSTACK_DECODE_CONCURRENCY", "value": "3"}]}})
+        web = wait_for(lambda: control_plane.get("Deployment", namespace, "mobilenet-web"), what="the web Deployment")
+        pod = web["spec"]["template"]["spec"]
+        effective = Settings(max_image_bytes=big, decode_concurrency=3)
+        limit = parse_quantity(pod["containers"][0]["resources"]["limits"]["memory"])
+        (tmp,) = [v["emptyDir"]["sizeLimit"] for v in pod["volumes"] if v["name"] == "tmp"]
+        assert 0 <= limit - web_memory_limit_bytes(effective) < 2**20
+        assert 0 <= parse_quantity(tmp) - web_tmp_bytes(effective) < 2**20 and parse_quantity(tmp) > 256 * 2**20
+        # Read before the stop: a resync timer that fires during shutdown may log the closed client.
+        log = guarded.log.read_text(errors="replace")
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        guarded.stop()
+        operator.start()

@@ -439,3 +439,48 @@ def test_web_memory_limit_follows_the_decode_bound() -> None:
     # A user's own limit still wins.
     custom = build({"web": {"resources": {"limits": {"memory": "3Gi"}}}})["Deployment/demo-web"]
     assert container(custom)["resources"]["limits"]["memory"] == "3Gi"
+
+
+def web_sizes(web: dict[str, Any]) -> tuple[int, int]:
+    """The web pod's memory limit and /tmp size, in bytes, for a spec.web."""
+    from kubernetes.utils import parse_quantity
+
+    deployment = build({"web": web})["Deployment/demo-web"]
+    tmp = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tmp")
+    return (int(parse_quantity(container(deployment)["resources"]["limits"]["memory"])),
+            int(parse_quantity(tmp["emptyDir"]["sizeLimit"])))
+
+
+def test_web_memory_and_tmp_follow_the_effective_settings() -> None:
+    from inferstack.config import Settings, web_memory_limit_bytes
+    from inferstack.contract.settings import web_tmp_bytes
+
+    base_memory, base_tmp = web_sizes({})
+    assert base_tmp >= web_tmp_bytes(Settings())
+    # spec.web.maxImageBytes: every upload spooled to /tmp may be this large.
+    big = 100 * 1024 * 1024
+    memory, tmp = web_sizes({"maxImageBytes": big})
+    assert tmp >= web_tmp_bytes(Settings(max_image_bytes=big)) > base_tmp
+    assert memory >= web_memory_limit_bytes(Settings(max_image_bytes=big))
+    # Settings the web tier reads from spec.web.env count too: more processes, more decode slots.
+    overrides = {"INFERSTACK_WEB_PROCESSES": "6", "INFERSTACK_DECODE_CONCURRENCY": "4",
+                 "INFERSTACK_MAX_DECODE_BYTES": str(256 * 1024 * 1024)}
+    memory, tmp = web_sizes({"maxImageBytes": big, "env": [{"name": k, "value": v} for k, v in overrides.items()]})
+    effective = Settings(max_image_bytes=big, web_processes=6, decode_concurrency=4, max_decode_bytes=256 * 1024 * 1024)
+    assert 0 <= memory - web_memory_limit_bytes(effective) < 2**20
+    assert 0 <= tmp - web_tmp_bytes(effective) < 2**20
+    # The operator's own value wins over the user's (it is ignored, with a note), so the sizes do too.
+    same = web_sizes({"env": [{"name": "INFERSTACK_MAX_IMAGE_BYTES", "value": str(big)}]})
+    assert same == (base_memory, base_tmp)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"name": "INFERSTACK_WEB_PROCESSES", "value": "many"}, "INFERSTACK_WEB_PROCESSES must be an integer"),
+    ({"name": "INFERSTACK_DECODE_CONCURRENCY", "value": "0"}, "INFERSTACK_DECODE_CONCURRENCY must be between"),
+    ({"name": "INFERSTACK_DECODE_CONCURRENCY", "valueFrom": {"configMapKeyRef": {"name": "c", "key": "k"}}},
+     "INFERSTACK_DECODE_CONCURRENCY uses valueFrom; give it a literal value"),
+])
+def test_web_settings_env_the_operator_cannot_size_is_invalid(entry: dict[str, Any], message: str) -> None:
+    with pytest.raises(spec.SpecError, match=message) as info:
+        spec.resolve("demo", "ml", {"web": {"env": [entry]}})
+    assert info.value.reason == "InvalidSpec" and info.value.message.startswith("spec.web.env")
