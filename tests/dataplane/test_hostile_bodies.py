@@ -16,6 +16,7 @@ from PIL import Image
 
 from inferstack.config import Settings, web_memory_limit_bytes
 from inferstack.contract.http import PREDICT_PATH
+from inferstack_web.cli import HEADER_TIMEOUT_S
 from tests.helpers import Dripper, PeakRss, digits_env, encode, png_bytes, post, stack_log, tree_rss
 
 BODY_TIMEOUT_S = 8  # the stack's INFERSTACK_BODY_TIMEOUT_S: long enough to probe while bodies drip
@@ -155,3 +156,38 @@ def test_gzipped_shape_bombs_are_400_at_once(stack):
         print(f"shape of {dims} {digits}-digit dimensions ({len(body)} B gzipped): {r.status_code} "
               f"in {time.monotonic() - t0:.2f} s")
         assert r.status_code == 400 and f"{digits} digits" in r.json()["error"], r.text[:300]
+
+
+def test_dripped_headers_are_cut_off_at_the_header_deadline(stack):
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=HEADER_TIMEOUT_S + 20) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+        t0 = time.monotonic()
+        with Dripper([s], 1.0, b"X"):
+            try:
+                answer = read_answer(s)
+            except ConnectionResetError:
+                answer = b""
+        elapsed = time.monotonic() - t0
+    print(f"dripped headers: connection closed after {elapsed:.1f} s")
+    assert not answer.startswith(b"HTTP/1.1 2"), answer[:200]
+
+
+def test_bodies_beyond_the_spool_budget_are_503_and_give_back_their_share():
+    # In process (no server needed): the budget is charged as bytes arrive and given back on release.
+    from flask import Flask
+
+    from inferstack_web.errors import Unavailable
+    from inferstack_web.uploads import SpoolBudget, SpoolingRequest, receive_body
+
+    app = Flask("spool")
+    app.request_class = SpoolingRequest
+    budget = SpoolBudget(300_000)
+    with app.test_request_context(PREDICT_PATH, method="POST", data=b"x" * 200_000):
+        first = receive_body(1_000_000, 5.0, budget)
+        with app.test_request_context(PREDICT_PATH, method="POST", data=b"y" * 200_000):
+            with pytest.raises(Unavailable):
+                receive_body(1_000_000, 5.0, budget)
+        assert budget.left == 100_000  # the refused body gave back what it had taken
+        assert first.data() == b"x" * 200_000
+        first.release()
+    assert budget.left == 300_000

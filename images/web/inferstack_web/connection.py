@@ -38,7 +38,11 @@ def deadline(seconds: float, expired: Exception) -> Iterator[Callable[[], float]
 
     if not patched:
         left()
-        yield left
+        try:
+            yield left
+        finally:
+            if sock is not None:
+                sock.settimeout(None)  # blocking again, as gthread serves the rest of the request
         return
     from gevent import Timeout
 

@@ -23,7 +23,6 @@ from inferstack.contract.settings import (
     MAX_JSON_TOKENS,
     RECEIVE_CHUNK_BYTES,
     UPLOAD_MEMORY_BYTES,
-    max_body_bytes,
 )
 
 from .connection import deadline
@@ -37,11 +36,6 @@ class SpoolingRequest(Request):
                          filename: str | None = None, content_length: int | None = None) -> IO[bytes]:
         # Multipart parts wait for decoding in /tmp, not in memory (werkzeug keeps 500 KB in memory).
         return tempfile.SpooledTemporaryFile(max_size=UPLOAD_MEMORY_BYTES, mode="rb+")
-
-
-def max_content_length(max_image_bytes: int) -> int:
-    """Room for the images base64-encoded in JSON; the images themselves are held to max_image_bytes."""
-    return max_body_bytes(max_image_bytes)
 
 
 class SpoolBudget:
