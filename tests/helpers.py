@@ -7,6 +7,9 @@ build on these live in tests/conftest.py.
 from __future__ import annotations
 
 import io
+import json
+import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -97,3 +100,96 @@ def wait_for(predicate: Callable[[], T], timeout: float = 60.0, what: str = "con
             detail = f"\n{explain()}" if explain else ""
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of a process and all its children (a gunicorn arbiter and its workers)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    total = 0
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class PeakRss:
+    """In the background, the highest ``tree_rss(pid)`` seen while the block runs (``.peak``)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.01) -> None:
+        self.pid, self.interval_s, self.peak = pid, interval_s, 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, tree_rss(self.pid))
+            if self._done.wait(self.interval_s):
+                return
+
+    def __enter__(self) -> "PeakRss":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+class Dripper:
+    """In the background, send one byte on each socket every interval_s until stopped."""
+
+    def __init__(self, socks: list[socket.socket], interval_s: float, byte: bytes) -> None:
+        self.socks, self.interval_s, self.byte = socks, interval_s, byte
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            for s in self.socks:
+                try:
+                    s.send(self.byte)
+                except OSError:
+                    pass
+
+    def __enter__(self) -> "Dripper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def v2_image_request(shape: str, data: str = '"aGk="', outputs: str = "") -> bytes:
+    """A v2 infer body (JSON text) with this shape, data and outputs, spelled as given."""
+    return (f'{{"inputs": [{{"name": "image", "shape": {shape}, "datatype": "BYTES", "data": [{data}]}}]'
+            f'{outputs}}}').encode()
+
+
+# Parser bombs, each under 190 KB: answered 400 JSON before any arithmetic on what they announce.
+V2_BOMBS = [
+    # A 4,400-digit integer: json.loads itself refuses it (ValueError).
+    (v2_image_request("[" + "9" * 4400 + "]"), "integer of 4400 digits"),
+    # 4,299-digit dimensions: their product would take long to compute, and longer to print.
+    (v2_image_request("[" + ", ".join(["9" * 4299] * 40) + "]"), "integer of 4299 digits"),
+    (v2_image_request("[" + ", ".join(["256"] * 300) + "]"), "1 to 8 integers"),
+    (v2_image_request("[256, 256, 256, 256, 256, 256, 256, 256]"), "at most 256 per request"),
+    (v2_image_request("[100000]"), "each between 0 and 256"),
+    (v2_image_request("[2, -1]"), "each between 0 and 256"),
+    (v2_image_request("[1.5]"), "a shape"),
+    (v2_image_request("[]"), "a shape"),
+    (v2_image_request("[0]", data=""), "no image"),
+    (v2_image_request("[3]", data='"aGk=", [["aGk="]], "aGk=", "aGk="'), "carries 4"),
+    # 100,001 structural characters: refused before parsing (its parsed form would be ~100x the text).
+    (v2_image_request("[1]", data=",".join(["[]"] * 50_001)), "more than 100000 JSON values"),
+    (v2_image_request("[1]", outputs=', "outputs": [{"name": "probabilities"}, {"name": "probabilities"}]'),
+     "more than once"),
+    (b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": ["aGk="]}], "id": '
+     + b"1" * 30 + b"}", "integer of 30 digits"),
+    (b'{"inputs": "\\ud800"}', "exactly one input"),
+    (b'\xff\xfe{"inputs": []}', "not a JSON inference request"),
+]

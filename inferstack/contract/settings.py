@@ -160,6 +160,12 @@ SETTINGS: tuple[Setting, ...] = (
     _s("INFERSTACK_STALL_TIMEOUT_S", "stall_timeout_s", "float", 0.0,
        "longest a worker's main loop may go without progress before it exits",
        lo=0.0, shown="`0` (derived: 5 full batches, at least 15 s)"),
+    # Bodies are read in full before a decode slot is taken: slow senders hold a connection, not a slot.
+    _s("INFERSTACK_BODY_TIMEOUT_S", "body_timeout_s", "float", 60.0,
+       "longest a client may take to send a request body (408 beyond)", lo=0.1, shown="`60`"),
+    _s("INFERSTACK_WEB_SPOOL_BODIES", "web_spool_bodies", "int", 16,
+       "full-size request bodies one web process holds under `/tmp` while receiving them (503 beyond)",
+       lo=1, hi=4096),
 )
 
 BY_FIELD: dict[str, Setting] = {s.field: s for s in SETTINGS}
@@ -211,6 +217,8 @@ class Settings:
     web_worker_class: str = default("web_worker_class")
     web_connections: int = default("web_connections")
     stall_timeout_s: float = default("stall_timeout_s")
+    body_timeout_s: float = default("body_timeout_s")
+    web_spool_bodies: int = default("web_spool_bodies")
 
     def __post_init__(self) -> None:
         if not self.model_name:
@@ -238,33 +246,58 @@ def default_model_name(model: str) -> str:
 WEB_PROCESS_BASELINE_BYTES = 96 * 1024 * 1024
 # The gunicorn arbiter, for the whole pod.
 WEB_POD_BASELINE_BYTES = 64 * 1024 * 1024
-# Part of an upload held in memory while it is received; the rest waits in a file under /tmp.
+# Part of a request body held in memory while it is received; the rest waits in a file under /tmp.
 UPLOAD_MEMORY_BYTES = 64 * 1024
-
-
-def web_memory_limit_bytes(settings: Settings) -> int:
-    """The web pod's memory limit that bounded decoding guarantees is never exceeded.
-
-    Each decode slot holds at most the upload (max_image_bytes) and the decoded pixels
-    (max_decode_bytes); a process runs decode_concurrency of them, and each of its open
-    connections buffers at most UPLOAD_MEMORY_BYTES of an upload being received.
-    """
-    per_decode = settings.max_decode_bytes + settings.max_image_bytes
-    connections = settings.web_connections if settings.web_worker_class == "gevent" else settings.web_threads
-    per_process = (WEB_PROCESS_BASELINE_BYTES + settings.decode_concurrency * per_decode
-                   + connections * UPLOAD_MEMORY_BYTES)
-    return WEB_POD_BASELINE_BYTES + settings.web_processes * per_process
-
-
+# What one read from a connection may bring in at once while a body is received.
+RECEIVE_CHUNK_BYTES = 64 * 1024
+# Multipart framing or the JSON around the images, beyond the images themselves.
+BODY_FRAMING_BYTES = 64 * 1024
+# Request bounds, checked before any arithmetic on what a request says (400 beyond).
+MAX_IMAGES_PER_REQUEST = 256
+MAX_TENSOR_RANK = 8  # v2 input shapes: at most this many dimensions, each at most MAX_IMAGES_PER_REQUEST
+MAX_JSON_TOKENS = 100_000  # structural characters (, : [ {) in a JSON body: bounds its parsed form
+MAX_JSON_INT_DIGITS = 20  # longer integer literals in a JSON body are refused before conversion
+# A parsed JSON value costs at most about this much beyond its text (a list, a dict, a small string).
+JSON_TOKEN_BYTES = 128
+# Besides request bodies, per web process under /tmp: the metrics files and gunicorn's heartbeat.
+WEB_TMP_PROCESS_BYTES = 16 * 1024 * 1024
 # The web pod's /tmp never shrinks below this (HOME=/tmp too: caches, gunicorn's heartbeat files).
 WEB_TMP_MIN_BYTES = 256 * 1024 * 1024
 
 
+def max_body_bytes(max_image_bytes: int) -> int:
+    """The largest request body (413 above it): the images base64-encoded in JSON, and framing."""
+    return (max_image_bytes + 2) // 3 * 4 + BODY_FRAMING_BYTES
+
+
 def web_tmp_bytes(settings: Settings) -> int:
-    """The web pod's /tmp (emptyDir) size: the uploads spooled to disk at once, at most max_image_bytes
-    each: per process, one per decode slot being decoded and one per slot received and waiting for it."""
-    spooled = settings.web_processes * 2 * settings.decode_concurrency * settings.max_image_bytes
-    return max(WEB_TMP_MIN_BYTES, WEB_POD_BASELINE_BYTES + spooled)
+    """What the web pod writes under /tmp at most (the size of its /tmp volume).
+
+    Per process: the bodies being received (web_spool_bodies full-size bodies, 503 beyond), the
+    multipart parts being decoded (one full-size body per decode slot), and WEB_TMP_PROCESS_BYTES;
+    never below WEB_TMP_MIN_BYTES.
+    """
+    body = max_body_bytes(settings.max_image_bytes)
+    per_process = (settings.web_spool_bodies + settings.decode_concurrency) * body + WEB_TMP_PROCESS_BYTES
+    return max(WEB_TMP_MIN_BYTES, settings.web_processes * per_process)
+
+
+def web_memory_limit_bytes(settings: Settings, tmp_in_memory: bool = False) -> int:
+    """The web pod's memory limit that bounded decoding guarantees is never exceeded.
+
+    Each decode slot holds at most the body twice (compressed and inflated, or text and parsed
+    form, of at most MAX_JSON_TOKENS values) and the decoded pixels (max_decode_bytes); a process
+    runs decode_concurrency of them. Each open connection holds at most UPLOAD_MEMORY_BYTES of a
+    body being received plus one read; a request waiting for its replies holds only its queue ids.
+    With /tmp in memory (an emptyDir of medium Memory) its files count too: ``web_tmp_bytes``.
+    """
+    body = max_body_bytes(settings.max_image_bytes)
+    per_decode = settings.max_decode_bytes + 2 * body + MAX_JSON_TOKENS * JSON_TOKEN_BYTES
+    connections = settings.web_connections if settings.web_worker_class == "gevent" else settings.web_threads
+    per_process = (WEB_PROCESS_BASELINE_BYTES + settings.decode_concurrency * per_decode
+                   + connections * (UPLOAD_MEMORY_BYTES + RECEIVE_CHUNK_BYTES))
+    tmp = web_tmp_bytes(settings) if tmp_in_memory else 0
+    return WEB_POD_BASELINE_BYTES + settings.web_processes * per_process + tmp
 
 
 def markdown_table() -> str:

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import io
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import psutil
 import pytest
 import requests
 from PIL import Image
 
 from inferstack.config import Settings, web_memory_limit_bytes
-from tests.helpers import digits_env, png_bytes, post, stack_log
+from tests.helpers import Dripper, PeakRss, digits_env, png_bytes, post, stack_log
 
 
 def png_bomb(mode: str, side: int = 7070) -> bytes:
@@ -30,39 +28,14 @@ def stack(make_stack, digits_model):
     return make_stack(workers=1, env=digits_env(digits_model, INFERSTACK_WEB_PROCESSES="2"))
 
 
-def tree_rss(pid: int) -> int:
-    root = psutil.Process(pid)
-    total = 0
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            total += p.memory_info().rss
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
 def test_decompression_bombs_keep_the_web_tier_under_its_memory_limit(stack, digits_model):
     settings = Settings.from_env(stack.env)
     limit = web_memory_limit_bytes(settings)
     bombs = [png_bomb("I;16")] * 6 + [png_bomb("RGBA")] * 6  # 16-bit grey: 95 MiB; RGBA: 190 MiB decoded
     assert all(len(b) < 1_000_000 for b in bombs)
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, tree_rss(stack.web.pid))
-            time.sleep(0.01)
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        with ThreadPoolExecutor(len(bombs)) as pool:
-            answers = list(pool.map(lambda b: post(stack, b, timeout=120), bombs))
-    finally:
-        done.set()
-        sampler.join()
+    with PeakRss(stack.web.pid) as rss, ThreadPoolExecutor(len(bombs)) as pool:
+        answers = list(pool.map(lambda b: post(stack, b, timeout=120), bombs))
+    peak = rss.peak
     print(f"peak web RSS under {len(bombs)} concurrent bombs: {peak / 2**20:.0f} MiB (limit {limit / 2**20:.0f} MiB)")
     assert peak < limit, f"peak {peak / 2**20:.0f} MiB over the {limit / 2**20:.0f} MiB limit"
     for resp, bomb in zip(answers, bombs):
@@ -73,31 +46,6 @@ def test_decompression_bombs_keep_the_web_tier_under_its_memory_limit(stack, dig
     # Healthy afterwards: the same processes serve a normal request.
     assert post(stack, png_bytes(digits_model["x_test"][0])).status_code == 200
     assert stack.web.poll() is None
-
-
-class Dripper:
-    """In the background, send one byte on each socket every interval_s until stopped."""
-
-    def __init__(self, socks: list[socket.socket], interval_s: float, byte: bytes) -> None:
-        self.socks, self.interval_s, self.byte = socks, interval_s, byte
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            for s in self.socks:
-                try:
-                    s.send(self.byte)
-                except OSError:
-                    pass
-
-    def __enter__(self) -> "Dripper":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def test_dripped_oversized_body_is_answered_413_in_bounded_time(stack):

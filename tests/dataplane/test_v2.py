@@ -21,7 +21,7 @@ from tritonclient.utils import InferenceServerException
 from inferstack.config import Settings
 from inferstack.imaging import decode_image
 from inferstack.protocol import WebQueue, decode_probabilities
-from tests.helpers import DIGIT_LABELS, DIGIT_SIZE, digits_env, jpeg_bytes, png_bytes
+from tests.helpers import DIGIT_LABELS, DIGIT_SIZE, V2_BOMBS, digits_env, jpeg_bytes, png_bytes
 
 MAX_BYTES = 200_000
 MODEL = "digits"  # INFERSTACK_MODEL=.../digits.keras: the file stem
@@ -195,6 +195,7 @@ BINARY_HEAD = b'{"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
          b'"outputs": [{"name": "logits"}]}', None, "Unknown output"),
         (b"{}", "999", "Inference-Header-Content-Length"),
         (b"[" * 100_000, None, "not a JSON inference request"),
+        *[(body, None, fragment) for body, fragment in V2_BOMBS],
     ],
 )
 def test_malformed_infer_requests_are_400_json(stack, body, header_length, fragment):
@@ -202,6 +203,15 @@ def test_malformed_infer_requests_are_400_json(stack, body, header_length, fragm
     r = requests.post(f"{stack.url}/v2/models/{MODEL}/infer", data=body, headers=headers, timeout=30)
     assert r.status_code == 400, r.text
     assert list(r.json()) == ["error"] and fragment in r.json()["error"]
+
+
+def test_binary_elements_beyond_the_shape_are_400(stack):
+    # 50,000 empty elements announced as one: refused at the second, not split into a list first.
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 4 * 50_000}}]}).encode()
+    r = requests.post(f"{stack.url}/v2/models/{MODEL}/infer", data=head + b"\0" * (4 * 50_000), timeout=30,
+                      headers={"Inference-Header-Content-Length": str(len(head))})
+    assert r.status_code == 400 and "carries 2" in r.json()["error"], r.text
 
 
 def test_over_size_limit_is_413(stack):

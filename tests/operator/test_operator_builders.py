@@ -132,7 +132,8 @@ def test_pod_security_everywhere() -> None:
     redis_pod = build({})["StatefulSet/demo-redis"]["spec"]["template"]["spec"]
     assert redis_pod["securityContext"]["runAsUser"] == 999
     web_pod = build({})["Deployment/demo-web"]["spec"]["template"]["spec"]
-    assert {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}} in web_pod["volumes"]
+    tmp = next(v for v in web_pod["volumes"] if v["name"] == "tmp")
+    assert tmp["emptyDir"]["sizeLimit"] == "515Mi"  # web_tmp_bytes of the defaults: 2 x (16 + 2) bodies of 13.4 MiB + 2 x 16 MiB
     assert {"name": "tmp", "mountPath": "/tmp"} in web_pod["containers"][0]["volumeMounts"]
 
 

@@ -18,6 +18,7 @@ import redis
 from flask import Flask, request
 
 from inferstack.config import Settings
+from inferstack.contract.settings import max_body_bytes
 from inferstack.protocol import WebQueue
 
 from . import metrics
@@ -25,7 +26,7 @@ from .errors import install_error_handlers
 from .inference import Inference, ModelInfo
 from .ops import OpsEndpoints, register_ops_endpoints
 from .predict import PredictEndpoints, predict_error_body, register_predict_endpoints
-from .uploads import SpoolingRequest, max_content_length
+from .uploads import SpoolingRequest
 from .v2 import V2Endpoints, register_v2_endpoints, v2_error_body
 
 log = logging.getLogger("inferstack.web")
@@ -35,7 +36,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask("inferstack_web")
     app.request_class = SpoolingRequest
-    app.config["MAX_CONTENT_LENGTH"] = max_content_length(settings.max_image_bytes)
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes(settings.max_image_bytes)
     queue = _queue(settings)
     model_info = ModelInfo(queue)
     inference = Inference(settings, queue, model_info)

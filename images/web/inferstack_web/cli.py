@@ -8,6 +8,10 @@ import tempfile
 
 from inferstack.config import ConfigError, Settings
 
+# gevent: gunicorn reads each request's headers within its keep-alive time (the async worker's
+# timeout_ctx), so this is also the header deadline; the body has its own (body_timeout_s).
+HEADER_TIMEOUT_S = 5
+
 
 def gunicorn_argv(settings: Settings, host: str) -> list[str]:
     if settings.web_worker_class == "gevent":
@@ -24,7 +28,7 @@ def gunicorn_argv(settings: Settings, host: str) -> list[str]:
         # Threads sit in BLPOP for up to the request timeout; don't let gunicorn kill them first.
         "--timeout", str(int(settings.request_timeout_s) + 30),
         "--graceful-timeout", str(int(settings.request_timeout_s) + 5),
-        "--keep-alive", "5",
+        "--keep-alive", str(HEADER_TIMEOUT_S),
         "--backlog", "2048",
         # The control socket would need a writable $HOME; pods run with a read-only root.
         "--no-control-socket",

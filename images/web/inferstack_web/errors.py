@@ -13,7 +13,7 @@ from typing import Any
 from flask import Blueprint, Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from .uploads import drain
+from .connection import close_connection, drain
 
 log = logging.getLogger("inferstack.web")
 
@@ -24,6 +24,7 @@ ErrorBody = Callable[[str], dict[str, Any]]
 class ApiError(Exception):
     status = 500
     retry_after: int | None = None
+    close_connection = False  # True when the rest of the request body may still be unread
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -56,6 +57,13 @@ class Unavailable(ApiError):
         self.retry_after = retry_after
 
 
+class RequestTimeout(ApiError):
+    """The client took longer than the body deadline to send its request body."""
+
+    status = 408
+    close_connection = True
+
+
 class ResultTimeout(ApiError):
     status = 504
 
@@ -79,16 +87,17 @@ def error_response(body: ErrorBody, status: int, message: str, retry_after: int 
 
 def too_large_response(body: ErrorBody, max_image_bytes: int) -> Response:
     drained = drain()
-    resp = error_response(body, 413, f"The upload is larger than the limit of {max_image_bytes} bytes.")
     if not drained:
-        resp.headers["Connection"] = "close"  # the unread rest of the body must not be parsed as a request
-    return resp
+        close_connection()
+    return error_response(body, 413, f"The upload is larger than the limit of {max_image_bytes} bytes.")
 
 
 def install_error_handlers(scope: Flask | Blueprint, body: ErrorBody, max_image_bytes: int) -> None:
     """Every failure of the views in ``scope`` answered as ``body``: never an HTML page or a trace."""
 
     def api_error(exc: ApiError) -> Response:
+        if exc.close_connection:
+            close_connection()
         return error_response(body, exc.status, exc.message, exc.retry_after)
 
     def too_large(exc: RequestEntityTooLarge) -> Response:

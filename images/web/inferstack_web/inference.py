@@ -13,24 +13,24 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import redis
 
 from inferstack.config import Settings
+from inferstack.contract.settings import MAX_IMAGES_PER_REQUEST, max_body_bytes
 from inferstack.imaging import BadImage, decode_image
 from inferstack.contract.messages import ModelRecord
 from inferstack.protocol import QueueFull, RedisFull, ReplyTimeout, WebQueue, decode_probabilities
 
 from . import metrics
 from .errors import BadRequest, InferenceFailed, PayloadTooLarge, ResultTimeout, Unavailable
+from .uploads import ReceivedBody, SpoolBudget, receive_body
 
 log = logging.getLogger("inferstack.web")
 
 DEFAULT_INPUT_SIZE = (224, 224)
-# Each image is one queue entry: bound what one request can push into the shared queue.
-MAX_IMAGES_PER_REQUEST = 256
 # How long a request waits for a decode slot before it is told the server is busy.
 DECODE_WAIT_S = 10.0
 
@@ -84,6 +84,7 @@ class Inference:
         self.queue = queue
         self.model = model
         self.decode_slots = threading.BoundedSemaphore(settings.decode_concurrency)
+        self.spool = SpoolBudget(settings.web_spool_bodies * max_body_bytes(settings.max_image_bytes))
 
     @contextlib.contextmanager
     def decode_slot(self) -> Iterator[None]:
@@ -95,33 +96,33 @@ class Inference:
         finally:
             self.decode_slots.release()
 
-    def run(
-        self, images: Sequence[bytes], top_k: int, started: float, probabilities: bool = False
-    ) -> list[Result]:
-        """Classify the images (encoded files) in order; raises an ApiError for the whole request."""
-        with self.decode_slot():
-            pixels = self.decode(images)
-        return self.serve(pixels, top_k, started, probabilities)
+    def receive(self) -> ReceivedBody:
+        """The request body, read in full before any decode slot (408 too slow, 413 too large)."""
+        return receive_body(max_body_bytes(self.settings.max_image_bytes), self.settings.body_timeout_s,
+                            self.spool)
+
+    def enqueue(self, body: ReceivedBody, parse: Callable[[ReceivedBody], Sequence[bytes]], top_k: int,
+                probabilities: bool = False) -> list[str]:
+        """Parse the body into encoded images, decode and queue them, all inside one decode slot;
+        returns the queue ids. The body, its parsed form, the images and the pixels are released
+        by then: a request waits for its replies holding only these ids."""
+        with body, self.decode_slot():
+            pixels = self.decode(parse(body))
+            return [self._submit(p, top_k, probabilities) for p in pixels]
+
+    def replies(self, ids: Sequence[str], started: float) -> list[Result]:
+        """The replies to the queued ids, in order, within the request timeout counted from ``started``."""
+        return [self._wait(request_id, started) for request_id in ids]
 
     def decode(self, images: Sequence[bytes]) -> list[np.ndarray]:
         """Every image decoded (call inside decode_slot); a bad one fails the request before any is queued."""
         limit = self.settings.max_image_bytes
         if not images:
             raise BadRequest("The request holds no image.")
-        if len(images) > MAX_IMAGES_PER_REQUEST:
-            raise BadRequest(
-                f"The request holds {len(images)} images; send at most {MAX_IMAGES_PER_REQUEST} per request."
-            )
+        check_image_count(len(images))
         if sum(len(data) for data in images) > limit:
             raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
         return [self._decode(data, i, len(images)) for i, data in enumerate(images)]
-
-    def serve(
-        self, pixels: Sequence[np.ndarray], top_k: int, started: float, probabilities: bool = False
-    ) -> list[Result]:
-        """Queue the decoded images and wait for their replies, in order."""
-        ids = [self._submit(p, top_k, probabilities) for p in pixels]
-        return [self._wait(request_id, started) for request_id in ids]
 
     def _decode(self, data: bytes, index: int, count: int) -> np.ndarray:
         t0 = time.perf_counter()
@@ -171,3 +172,8 @@ def decode_base64(text: str, what: str) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest(f"{what} is not valid base64; send the image file's bytes base64-encoded.") from None
+
+
+def check_image_count(count: int) -> None:
+    if count > MAX_IMAGES_PER_REQUEST:
+        raise BadRequest(f"The request holds {count} images; send at most {MAX_IMAGES_PER_REQUEST} per request.")

@@ -6,8 +6,8 @@ from typing import Any
 
 from inferstack.config import Settings
 from inferstack.contract import http
+from inferstack.contract.settings import MAX_IMAGES_PER_REQUEST, MAX_TENSOR_RANK
 
-from .inference import MAX_IMAGES_PER_REQUEST
 from .v2 import HEADER_LENGTH, INPUT, OUTPUT
 
 JSON = "application/json"
@@ -35,6 +35,7 @@ def _errors(schema: str, codes: dict[int, str]) -> dict[str, Any]:
 
 PREDICT_ERRORS = {
     400: "No image, an undecodable or unsupported image, too many pixels, or a bad parameter",
+    408: "The request body took longer than the body timeout to arrive (the connection is closed)",
     413: "The upload is over the size limit",
     500: "The model failed on this image",
     503: "Queue full or Redis unreachable; retry after Retry-After seconds",
@@ -43,6 +44,7 @@ PREDICT_ERRORS = {
 INFER_ERRORS = {
     400: "A malformed inference request, or an image that cannot be decoded",
     404: "Unknown model or version",
+    408: "The request body took longer than the body timeout to arrive (the connection is closed)",
     413: "The images are over the size limit",
     500: "The model failed on an image",
     503: "Queue full or Redis unreachable; retry after Retry-After seconds",
@@ -119,7 +121,8 @@ SCHEMAS: dict[str, Any] = {
         "required": ["name", "shape", "datatype"],
         "properties": {
             "name": {"type": "string", "example": INPUT},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "shape": {"type": "array", "minItems": 1, "maxItems": MAX_TENSOR_RANK,
+                      "items": {"type": "integer", "minimum": 0, "maximum": MAX_IMAGES_PER_REQUEST}},
             "datatype": {"type": "string", "example": "BYTES"},
             "parameters": _ref("Parameters"),
             "data": {
@@ -150,7 +153,8 @@ SCHEMAS: dict[str, Any] = {
             "id": {"type": "string"},
             "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
             "inputs": {"type": "array", "items": _ref("RequestInput"), "minItems": 1, "maxItems": 1},
-            "outputs": {"type": "array", "items": _ref("RequestOutput")},
+            # One output, listed at most once (400 when a name repeats).
+            "outputs": {"type": "array", "items": _ref("RequestOutput"), "minItems": 1, "maxItems": 1},
         },
     },
     "ResponseOutput": {

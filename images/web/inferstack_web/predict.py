@@ -12,9 +12,11 @@ from inferstack.contract import http
 
 from . import metrics
 from .errors import BadRequest, PayloadTooLarge, install_error_handlers
-from .inference import Inference, decode_base64
+from .inference import Inference, check_image_count, decode_base64
+from .uploads import ReceivedBody, parse_json
 
 STARTED = "inferstack.start"  # request.environ key: when the request arrived
+JSON_BODY = 'A JSON body must be {"image": "<the image file, base64>"} (or a list of such strings)'
 
 
 def predict_error_body(message: str) -> dict[str, Any]:
@@ -41,12 +43,16 @@ class PredictEndpoints:
     def predict(self) -> Response:
         request.environ[STARTED] = started = time.perf_counter()
         top_k = top_k_param(request.args.get("top_k"), self.settings.top_k)
-        with self.inference.decode_slot():
-            # The uploads are read into memory inside the slot: they count against the same bound.
-            images, several = uploaded_images(self.settings.max_image_bytes)
-            pixels = self.inference.decode(images)
-            del images
-        results = self.inference.serve(pixels, top_k, started)
+        body = self.inference.receive()  # before any decode slot: a slow sender holds none
+        several = False
+
+        def parse(received: ReceivedBody) -> list[bytes]:
+            nonlocal several
+            images, several = uploaded_images(received, self.settings.max_image_bytes)
+            return images
+
+        ids = self.inference.enqueue(body, parse, top_k)
+        results = self.inference.replies(ids, started)
         body: dict[str, Any] = {"success": True}
         if several:
             body["results"] = [{"predictions": r.predictions} for r in results]
@@ -74,23 +80,35 @@ def register_predict_endpoints(app: Flask, endpoints: PredictEndpoints) -> None:
     app.register_blueprint(bp)
 
 
-def uploaded_images(limit: int) -> tuple[list[bytes], bool]:
-    """The encoded images of a /predict request, and whether it asked for several (-> "results")."""
+def uploaded_images(body: ReceivedBody, limit: int) -> tuple[list[bytes], bool]:
+    """The encoded images of a /predict request (call inside a decode slot), and whether it asked
+    for several (-> "results")."""
     if request.is_json:
-        return _json_images(request.get_json(silent=True))
+        return _json_images(parse_json(body.data(), JSON_BODY))
+    body.install()
     uploads = request.files.getlist("image")
+    try:
+        return _read_uploads(uploads, limit), len(uploads) > 1
+    finally:
+        for upload in request.files.values():
+            upload.close()  # the parts' files under /tmp go with the decode slot, not the request
+
+
+def _read_uploads(uploads: list[Any], limit: int) -> list[bytes]:
     if not uploads:
         raise BadRequest(
             "No 'image' field in the request; send the file as multipart/form-data, "
             'e.g. curl -F image=@cat.jpg, or JSON {"image": "<base64>"}.'
         )
-    images = []
+    check_image_count(len(uploads))
+    images, total = [], 0
     for upload in uploads:
-        data = upload.stream.read(limit + 1)
-        if len(data) > limit:
+        data = upload.stream.read(limit + 1 - total)
+        total += len(data)
+        if total > limit:
             raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
         images.append(data)
-    return images, len(uploads) > 1
+    return images
 
 
 def _json_images(body: Any) -> tuple[list[bytes], bool]:
@@ -98,5 +116,6 @@ def _json_images(body: Any) -> tuple[list[bytes], bool]:
     if isinstance(image, str):
         return [decode_base64(image, "'image'")], False
     if isinstance(image, list) and image and all(isinstance(x, str) for x in image):
+        check_image_count(len(image))
         return [decode_base64(x, f"'image'[{i}]") for i, x in enumerate(image)], True
-    raise BadRequest('A JSON body must be {"image": "<the image file, base64>"} (or a list of such strings).')
+    raise BadRequest(JSON_BODY + ".")

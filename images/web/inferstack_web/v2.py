@@ -13,7 +13,6 @@ import json
 import math
 import struct
 import time
-import zlib
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -24,10 +23,12 @@ from flask import Blueprint, Flask, Response, jsonify, request
 
 from inferstack.config import Settings
 from inferstack.contract import http
+from inferstack.contract.settings import MAX_IMAGES_PER_REQUEST, MAX_TENSOR_RANK
 from inferstack.protocol import WebQueue
 
-from .errors import BadRequest, NotFound, PayloadTooLarge, Unavailable, install_error_handlers
-from .inference import Inference, ModelInfo, decode_base64
+from .errors import BadRequest, NotFound, Unavailable, install_error_handlers
+from .inference import Inference, ModelInfo, check_image_count, decode_base64
+from .uploads import ReceivedBody, parse_json
 
 INPUT = "image"
 OUTPUT = "probabilities"
@@ -111,20 +112,28 @@ class V2Endpoints:
     def infer(self, model: str, version: str | None = None) -> Response:
         started = time.perf_counter()
         self.check_model(model, version)
-        header, binary = _split_body(_body(self.settings.max_image_bytes), request.headers.get(HEADER_LENGTH))
-        images = _input_images(header, binary)
-        outputs = _requested_outputs(header)
-        probs = self._probabilities(images, started)
-        tensors, blobs = _output_tensors(outputs, probs, self._labels(probs.shape[1]))
-        body: dict[str, Any] = {"model_name": self.settings.model_name, "model_version": VERSION, "outputs": tensors}
-        if isinstance(header.get("id"), str):
-            body["id"] = header["id"]
-        return _infer_response(body, blobs)
+        body = self.inference.receive()  # before any decode slot: a slow sender holds none
+        asked: dict[str, Any] = {}
 
-    def _probabilities(self, images: list[bytes], started: float) -> np.ndarray:
-        """Every class's probability for each image, (N, classes) float32."""
+        def parse(received: ReceivedBody) -> list[bytes]:
+            # Inside the decode slot; only the small `asked` outlives it (the header and body do not).
+            header, binary = _split_body(received.data(), request.headers.get(HEADER_LENGTH))
+            asked["outputs"] = _requested_outputs(header)
+            asked["id"] = header.get("id") if isinstance(header.get("id"), str) else None
+            return _input_images(header, binary)
+
         # The top-k the worker computes is not used here: the full vector answers both outputs.
-        results = self.inference.run(images, 1, started, probabilities=True)
+        ids = self.inference.enqueue(body, parse, 1, probabilities=True)
+        probs = self._probabilities(ids, started)
+        tensors, blobs = _output_tensors(asked["outputs"], probs, self._labels(probs.shape[1]))
+        reply: dict[str, Any] = {"model_name": self.settings.model_name, "model_version": VERSION, "outputs": tensors}
+        if asked["id"] is not None:
+            reply["id"] = asked["id"]
+        return _infer_response(reply, blobs)
+
+    def _probabilities(self, ids: list[str], started: float) -> np.ndarray:
+        """Every class's probability for each queued image, (N, classes) float32."""
+        results = self.inference.replies(ids, started)
         if any(r.probabilities is None for r in results):
             # A worker from before this API (mid-rollout) ignores the request for the full vector.
             raise Unavailable("A worker without v2 support answered; retry shortly.", 1)
@@ -173,62 +182,27 @@ def _infer_response(body: dict[str, Any], blobs: list[bytes]) -> Response:
     return resp
 
 
-def _body(limit: int) -> bytes:
-    """The request body, inflated if the client compressed it (tritonclient can), held to the limits."""
-    data = request.get_data(cache=False)
-    encoding = (request.headers.get("Content-Encoding") or "identity").strip().lower()
-    if encoding == "identity":
-        return data
-    if encoding not in ("gzip", "deflate"):
-        raise BadRequest(f"Content-Encoding {encoding[:20]!r} is not supported; use gzip, deflate or none.")
-    # The inflated body may carry base64 (4/3) plus the JSON header; never inflate past that.
-    cap = limit * 4 // 3 + 64 * 1024
-    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
-    try:
-        out = inflater.decompress(data, cap + 1)
-    except zlib.error:
-        raise BadRequest(f"The body is not valid {encoding} data.") from None
-    if len(out) > cap or inflater.unconsumed_tail:
-        raise PayloadTooLarge(f"The inflated request is larger than the limit of {cap} bytes.")
-    return out
-
-
-def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], bytes]:
+def _split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
     if header_length is None:
-        head, binary = body, b""
+        head, binary = body, memoryview(b"")
     else:
         try:
-            n = int(header_length)
+            n = int(header_length) if len(header_length) < 20 else -1
         except ValueError:
             n = -1
         if not 0 < n <= len(body):
             raise BadRequest(f"{HEADER_LENGTH} must be the JSON header's size in bytes (1..{len(body)}).")
-        head, binary = body[:n], body[n:]
-    try:
-        header = json.loads(head)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise BadRequest(
-            "The body is not a JSON inference request; binary tensor data needs the "
-            f"{HEADER_LENGTH} header."
-        ) from None
+        head, binary = body[:n], memoryview(body)[n:]  # the binary part is not copied
+    header = parse_json(head, "The body is not a JSON inference request; binary tensor data needs the "
+                              f"{HEADER_LENGTH} header")
     if not isinstance(header, dict):
         raise BadRequest("The inference request must be a JSON object with an 'inputs' list.")
     return header, binary
 
 
-def _input_images(header: dict[str, Any], binary: bytes) -> list[bytes]:
-    inputs = header.get("inputs")
-    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise BadRequest(f"'inputs' must list exactly one input, {INPUT!r} (BYTES, one encoded image per element).")
-    tensor = inputs[0]
-    if tensor.get("name") != INPUT:
-        raise BadRequest(f"Unknown input {str(tensor.get('name'))[:100]!r}; this model's input is {INPUT!r}.")
-    if tensor.get("datatype") != "BYTES":
-        raise BadRequest(f"Input {INPUT!r} must have datatype BYTES (each element an encoded image file).")
-    shape = tensor.get("shape")
-    if not isinstance(shape, list) or not shape or not all(type(d) is int and d >= 0 for d in shape):
-        raise BadRequest(f"Input {INPUT!r} needs a shape: a list of non-negative integers, e.g. [2].")
-    count = math.prod(shape)
+def _input_images(header: dict[str, Any], binary: memoryview) -> list[bytes]:
+    tensor = _input_tensor(header)
+    count = _element_count(tensor.get("shape"))
     params = tensor.get("parameters")
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
@@ -237,7 +211,7 @@ def _input_images(header: dict[str, Any], binary: bytes) -> list[bytes]:
                 f"binary_data_size of {INPUT!r} ({str(size)[:20]}) does not match the {len(binary)} bytes "
                 "after the JSON header."
             )
-        images = _bytes_elements(binary)
+        images = _bytes_elements(binary, count)
     else:
         if binary:
             raise BadRequest(f"Binary data follows the JSON header but {INPUT!r} has no binary_data_size.")
@@ -245,12 +219,42 @@ def _input_images(header: dict[str, Any], binary: bytes) -> list[bytes]:
         if not isinstance(data, list):
             raise BadRequest(f"Input {INPUT!r} needs 'data': a list of base64 strings, or binary_data_size.")
         flat = _flatten(data)
+        _check_count(count, len(flat))
         if not all(isinstance(x, str) for x in flat):
             raise BadRequest(f"Each element of {INPUT!r} must be a base64 string of an image file.")
         images = [decode_base64(x, f"Element {i + 1} of {INPUT!r}") for i, x in enumerate(flat)]
-    if len(images) != count:
-        raise BadRequest(f"Input {INPUT!r} has shape {shape} ({count} elements) but carries {len(images)}.")
+    _check_count(count, len(images))
     return images
+
+
+def _input_tensor(header: dict[str, Any]) -> dict[str, Any]:
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
+        raise BadRequest(f"'inputs' must list exactly one input, {INPUT!r} (BYTES, one encoded image per element).")
+    tensor = inputs[0]
+    if tensor.get("name") != INPUT:
+        raise BadRequest(f"Unknown input {str(tensor.get('name'))[:100]!r}; this model's input is {INPUT!r}.")
+    if tensor.get("datatype") != "BYTES":
+        raise BadRequest(f"Input {INPUT!r} must have datatype BYTES (each element an encoded image file).")
+    return tensor
+
+
+def _element_count(shape: Any) -> int:
+    """The element count a shape announces, its rank and dimensions bounded before multiplying."""
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_TENSOR_RANK
+            or not all(type(d) is int and 0 <= d <= MAX_IMAGES_PER_REQUEST for d in shape)):
+        raise BadRequest(
+            f"Input {INPUT!r} needs a shape: a list of 1 to {MAX_TENSOR_RANK} integers, each between 0 and "
+            f"{MAX_IMAGES_PER_REQUEST}, e.g. [2]."
+        )
+    count = math.prod(shape)  # at most 256 ** 8: a small integer
+    check_image_count(count)
+    return count
+
+
+def _check_count(count: int, carried: int) -> None:
+    if carried != count:
+        raise BadRequest(f"Input {INPUT!r} has a shape of {count} elements but carries {carried}.")
 
 
 def _flatten(data: list[Any]) -> list[Any]:
@@ -267,17 +271,21 @@ def _flatten(data: list[Any]) -> list[Any]:
     return out
 
 
-def _bytes_elements(raw: bytes) -> list[bytes]:
-    """Binary BYTES tensor: each element is a 4-byte little-endian length, then the bytes."""
-    out, pos = [], 0
+def _bytes_elements(raw: memoryview, count: int) -> list[bytes]:
+    """Binary BYTES tensor: each element is a 4-byte little-endian length, then the bytes; more
+    elements than the shape's ``count`` is an error found at the first extra one."""
+    out: list[bytes] = []
+    pos = 0
     while pos < len(raw):
+        if len(out) == count:
+            _check_count(count, count + 1)
         if pos + 4 > len(raw):
             raise BadRequest(f"The binary data of {INPUT!r} ends inside an element's 4-byte length.")
         (n,) = struct.unpack_from("<I", raw, pos)
         pos += 4
         if pos + n > len(raw):
             raise BadRequest(f"The binary data of {INPUT!r} ends inside an element ({n} bytes announced).")
-        out.append(raw[pos:pos + n])
+        out.append(bytes(raw[pos:pos + n]))
         pos += n
     return out
 
@@ -291,11 +299,14 @@ def _requested_outputs(header: dict[str, Any]) -> list[RequestedOutput]:
         return [RequestedOutput(OUTPUT, binary_default, 0)]
     if not isinstance(requested, list) or not requested:
         raise BadRequest(f"'outputs' must be a non-empty list of requested outputs, e.g. [{{'name': {OUTPUT!r}}}].")
-    out = []
+    out: list[RequestedOutput] = []
     for item in requested:
         if not isinstance(item, dict) or item.get("name") != OUTPUT:
             name = item.get("name") if isinstance(item, dict) else item
             raise BadRequest(f"Unknown output {str(name)[:100]!r}; this model's output is {OUTPUT!r}.")
+        if any(o.name == OUTPUT for o in out):
+            # Each output once: a reply holds one tensor per name, built once.
+            raise BadRequest(f"'outputs' names {OUTPUT!r} more than once; list each output once.")
         p = item.get("parameters")
         p = p if isinstance(p, dict) else {}
         binary = p.get("binary_data", binary_default)
