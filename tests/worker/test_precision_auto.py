@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -68,6 +69,16 @@ def test_auto_times_each_device_precision_and_a_restart_reuses_the_decision(digi
     load_classifier(settings)
     assert timings == []
     assert load_classifier(auto_settings(digits_model, str(tmp_path), batch_size=8)).choice["auto"]["measured"]
+
+
+def test_auto_times_int8_too_when_a_calibration_folder_is_set(digits_model, tmp_path):
+    for i, img in enumerate(digit_images()[0][:40]):
+        (tmp_path / f"{i}.png").write_bytes(png_bytes(img))
+    settings = replace(auto_settings(digits_model, str(tmp_path / "cache")), calibration_dir=str(tmp_path))
+    clf = load_classifier(settings)
+    rows = {r["precision"]: r for r in clf.choice["auto"]["trials"]}
+    assert "fp32" in rows and rows.get("int8", {}).get("runs") == "int8", rows
+    assert clf.precision == rows[clf.choice["auto"]["chosen"]]["runs"]
 
 
 def test_keras_on_cpu_has_only_fp32_to_choose_from():

@@ -89,14 +89,31 @@ def _keras_classifier(settings: Settings, plan: Plan, features: bool = False) ->
                       runtime="keras", precision=precision, choice=status)
 
 
-def _openvino_model(settings: Settings, precision: str, name: str, features: bool = False) -> object:
-    """The converted (and, for int8, quantized) OpenVINO model, from the cache when it holds one."""
+def _openvino_model(settings: Settings, precision: str, name: str, features: bool = False,
+                    converted: object | None = None) -> object:
+    """The converted (and, for int8, quantized) OpenVINO model, from the cache when it holds one.
+
+    ``converted``: the float model already converted in this process (auto quantizes it for int8)."""
     from . import openvino_runtime as ovr
 
     key = _openvino_key(settings, precision, features)
     ov_model = ovr.read_cached(settings.cache_dir, key)
     if ov_model is not None:
         return ov_model
+    if converted is None:
+        converted = _convert(settings, name, features)
+    ov_model = converted
+    if precision == "int8":
+        shape = ovr.input_shape_of(converted)
+        images = ovr.calibration_images(settings.calibration_dir or "", lambda p: prepare_pixels(p, shape), shape)
+        ov_model = ovr.quantize(converted, images)
+    ovr.write_cached(ov_model, settings.cache_dir, key)
+    return ov_model
+
+
+def _convert(settings: Settings, name: str, features: bool) -> object:
+    from . import openvino_runtime as ovr
+
     model, preprocess = load_keras_model(settings)
     shape = input_shape_of(name, model.input_shape)
     if settings.labels and not features:  # a wrong labels file is refused before a long conversion
@@ -104,12 +121,7 @@ def _openvino_model(settings: Settings, precision: str, name: str, features: boo
     if features:
         model = feature_model(model)
     log.info("converting %s to OpenVINO", name)
-    ov_model = ovr.convert(model, preprocess, shape)
-    if precision == "int8":
-        images = ovr.calibration_images(settings.calibration_dir or "", lambda p: prepare_pixels(p, shape), shape)
-        ov_model = ovr.quantize(ov_model, images)
-    ovr.write_cached(ov_model, settings.cache_dir, key)
-    return ov_model
+    return ovr.convert(model, preprocess, shape)
 
 
 def _openvino_key(settings: Settings, precision: str, features: bool) -> str | None:
@@ -130,7 +142,9 @@ def _openvino_classifier(settings: Settings, plan: Plan, features: bool = False)
         labels = [] if features else labels_for(settings, name, ovr.classes_of(float_model))
 
         def model_for(precision: str) -> object:
-            return float_model if precision == "fp32" else _openvino_model(settings, precision, name, features)
+            if precision == "fp32":
+                return float_model
+            return _openvino_model(settings, precision, name, features, converted=float_model)
 
         return load_auto(settings, name, labels, model_for, _openvino_key(settings, "fp32", features))
     ov_model = _openvino_model(settings, plan.precision, name, features)
