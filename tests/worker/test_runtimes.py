@@ -129,7 +129,7 @@ def test_openvino_matches_keras_and_caches_the_converted_model(digits_model, tmp
     first = load_classifier(settings)
     info = {k: v for k, v in first.info().items() if k != "labels"}
     assert info == {"name": "digits.keras", "input_shape": [32, 32, 3], "classes": 10,
-                    "runtime": "openvino", "precision": "fp32"}
+                    "runtime": "openvino", "precision": "fp32", "precision_choice": {}}
     assert first.info()["labels"] == first.labels
     out = first.predict(x)
     assert np.abs(out - np.asarray(model(x, training=False))).max() < 1e-5
