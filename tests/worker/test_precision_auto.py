@@ -225,7 +225,9 @@ def test_auto_int8_switches_after_the_reservoir_fills_and_a_restart_serves_int8_
         before = served_info(stack, "digits")
         assert before["precision"] != "int8" and before["precision_choice"]["auto_int8"]["state"] == "collecting"
         float_classes = top1_of(stack, held_out[:SAMPLES - 1])
-        assert auto_int8_state(stack, "digits", "collecting"), "switched before the reservoir was full"
+        # The worker's metrics read its state live (the web tier caches the model record for seconds).
+        assert 'inferstack_auto_int8_state{model="digits",state="collecting"} 1.0' in worker_metrics(metrics_port), \
+            "quantized before the reservoir was full"
         top1_of(stack, images[:SAMPLES])
         info = wait_for(lambda: auto_int8_state(stack, "digits", "int8", "rejected", "failed"), 240,
                         "auto int8 to decide", interval=0.5, explain=lambda: stack_log(stack))
