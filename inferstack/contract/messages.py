@@ -137,11 +137,14 @@ class ModelRecord:
     labels: tuple[str, ...] = ()
     runtime: str = ""
     precision: str = ""
+    # precision auto: the timed candidates and the choice; auto int8: its state and why (JSON object).
+    precision_choice: Mapping[str, Any] = field(default_factory=dict)
 
     def to_wire(self) -> str:
         # Labels let the web tier answer the v2 classification extension from a probability vector.
         return json.dumps({"name": self.name, "input_shape": list(self.input_shape), "classes": self.classes,
-                           "labels": list(self.labels), "runtime": self.runtime, "precision": self.precision})
+                           "labels": list(self.labels), "runtime": self.runtime, "precision": self.precision,
+                           "precision_choice": dict(self.precision_choice)})
 
     @classmethod
     def from_wire(cls, raw: bytes | str) -> ModelRecord:
@@ -149,4 +152,4 @@ class ModelRecord:
         h, w, c = body["input_shape"]
         return cls(name=body["name"], input_shape=(int(h), int(w), int(c)), classes=int(body["classes"]),
                    labels=tuple(body.get("labels") or ()), runtime=body.get("runtime", ""),
-                   precision=body.get("precision", ""))
+                   precision=body.get("precision", ""), precision_choice=body.get("precision_choice") or {})

@@ -141,6 +141,21 @@ SETTINGS: tuple[Setting, ...] = (
     _s("INFERSTACK_CACHE_DIR", "cache_dir", "optional", None,
        "where OpenVINO keeps the converted model and its compiled blobs",
        shown="unset (`/tmp/inferstack-cache` in the worker image)"),
+    # precision auto: each candidate is timed this many times per batch shape (few: start-up cost).
+    _s("INFERSTACK_PRECISION_TRIALS", "precision_trials", "int", 3,
+       "timed batches per candidate (at the batch size and at 1) when `INFERSTACK_PRECISION=auto` measures",
+       lo=1, hi=100),
+    _s("INFERSTACK_AUTO_INT8", "auto_int8", "int", 0,
+       "`1`: with precision `auto` on OpenVINO, quantize to int8 from live traffic and switch when it agrees",
+       lo=0, hi=1, crd="spec.model.autoInt8"),
+    _s("INFERSTACK_AUTO_INT8_SAMPLES", "auto_int8_samples", "int", 300,
+       "decoded inputs kept (reservoir-sampled) to quantize and check int8 on", lo=1, hi=10_000),
+    _s("INFERSTACK_AUTO_INT8_TOP1", "auto_int8_top1", "float", 99.0,
+       "least top-1 agreement (%) of int8 with float on those inputs for the switch", lo=0.0, hi=100.0,
+       shown="`99`"),
+    _s("INFERSTACK_AUTO_INT8_TOP5", "auto_int8_top5", "float", 95.0,
+       "least mean top-5 overlap (%) of int8 with float on those inputs for the switch", lo=0.0, hi=100.0,
+       shown="`95`"),
     # Empty means derived from `model` (Settings.__post_init__).
     _s("INFERSTACK_MODEL_NAME", "model_name", "str", "", "the model's name in the v2 API",
        shown="architecture lower-cased (`resnet50`) or model file stem", normalize=str.strip),
@@ -211,6 +226,11 @@ class Settings:
     precision: str = default("precision")
     calibration_dir: str | None = default("calibration_dir")
     cache_dir: str | None = default("cache_dir")
+    precision_trials: int = default("precision_trials")
+    auto_int8: int = default("auto_int8")
+    auto_int8_samples: int = default("auto_int8_samples")
+    auto_int8_top1: float = default("auto_int8_top1")
+    auto_int8_top5: float = default("auto_int8_top5")
     model_name: str = default("model_name")
     max_decode_bytes: int = default("max_decode_bytes")
     decode_concurrency: int = default("decode_concurrency")

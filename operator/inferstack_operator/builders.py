@@ -302,6 +302,8 @@ def worker_env(r: Resolved, index: int = 0) -> list[EnvVar]:
         env.append(_env("runtime", r.runtime))
     if r.precision:
         env.append(_env("precision", r.precision))
+    if r.auto_int8:
+        env.append(_env("auto_int8", 1))
     env += [_env("batch_size", r.batch_size), _env("max_batch_delay_ms", r.max_batch_delay_ms)]
     if index == 0:
         env.append({"name": env_name("worker_name"), "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}})

@@ -98,6 +98,7 @@ class Resolved:
     top_k: int
     runtime: str | None
     precision: str | None
+    auto_int8: bool
     web_replicas: int
     request_timeout_s: int
     max_image_bytes: int
@@ -175,6 +176,15 @@ def _choice(section: Mapping[str, Any], key: str, where: str, choices: tuple[str
     value = _str(section, key, where)
     if value is not None and value not in choices:
         raise SpecError(f"{where}.{key} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def _bool(section: Mapping[str, Any], key: str, where: str, default: bool) -> bool:
+    value = section.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise SpecError(f"{where}.{key} must be true or false, got {value!r}")
     return value
 
 
@@ -394,6 +404,7 @@ def _model_fields(model: Mapping[str, Any]) -> dict[str, Any]:
         "top_k": _int(model, "topK", "spec.model", DEFAULT_TOP_K, 1, 1000),
         "runtime": _choice(model, "runtime", "spec.model", RUNTIMES),
         "precision": _choice(model, "precision", "spec.model", PRECISIONS),
+        "auto_int8": _auto_int8(model),
     }
 
 
@@ -413,6 +424,16 @@ def _check_settings_env(env: tuple[Mapping[str, Any], ...], where: str) -> None:
         Settings.from_env(literal)
     except ConfigError as e:
         raise SpecError(f"{where}: {e}") from None
+
+
+def _auto_int8(model: Mapping[str, Any]) -> bool:
+    """spec.model.autoInt8: only meaningful where the worker measures (precision auto, OpenVINO)."""
+    on = _bool(model, "autoInt8", "spec.model", False)
+    if on and model.get("precision") not in (None, "auto"):
+        raise SpecError(f"spec.model.autoInt8 needs spec.model.precision auto (or absent), got {model['precision']!r}")
+    if on and model.get("runtime") == "keras":
+        raise SpecError("spec.model.autoInt8 quantizes with OpenVINO; spec.model.runtime keras cannot run int8")
+    return on
 
 
 def _web_fields(web: Mapping[str, Any]) -> dict[str, Any]:

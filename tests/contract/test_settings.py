@@ -40,6 +40,7 @@ def test_from_env_reads_every_variable_of_the_table():
     values = {"int": "7", "float": "7.5", "str": "seven", "optional": "/seven"}
     env = {s.env: (s.choices[-1] if s.kind == "choice" else values[s.kind]) for s in SETTINGS}
     env["INFERSTACK_MAX_DECODE_BYTES"] = str(2 << 20)  # its lower bound is 1 MiB
+    env["INFERSTACK_AUTO_INT8"] = "1"  # a switch: 0 or 1
     settings = Settings.from_env(env)
     for setting in SETTINGS:
         assert getattr(settings, setting.field) == setting.read(env), setting.env

@@ -60,7 +60,7 @@ def test_schema_defaults_match_the_operator_defaults() -> None:
     admitted = admit({"apiVersion": "inferstack.dev/v1alpha1", "kind": "InferenceService",
                       "metadata": {"name": "x"}})
     spec = admitted["spec"]
-    assert spec["model"] == {"name": "ResNet50", "weights": "imagenet", "topK": 5}
+    assert spec["model"] == {"name": "ResNet50", "weights": "imagenet", "topK": 5, "autoInt8": False}
     assert spec["web"]["replicas"] == 2 and spec["worker"]["replicas"] == 1 and spec["worker"]["gpu"] == 1
     assert spec["service"] == {"type": "ClusterIP", "port": 80}
     assert "storage" not in spec["redis"]
@@ -86,6 +86,7 @@ def test_schema_defaults_match_the_operator_defaults() -> None:
     ({"web": {"requestTimeoutSeconds": "30"}}, "requestTimeoutSeconds"),
     ({"model": {"runtime": "onnx"}}, "runtime"),
     ({"model": {"precision": "fp64"}}, "precision"),
+    ({"model": {"autoInt8": "yes"}}, "autoInt8"),
     ({"imagePullSecrets": [{"secret": "regcred"}]}, "name"),
     ({"imagePullSecrets": ["regcred"]}, "imagePullSecrets"),
     ({"web": {"env": [{"value": "1"}]}}, "name"),

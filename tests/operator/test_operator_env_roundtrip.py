@@ -101,3 +101,18 @@ def test_web_and_worker_log_in_as_their_own_redis_users() -> None:
     host = "demo-redis.ml.svc.cluster.local:6379/0"
     assert urls["web"] == f"redis://web:{AUTH.web}@{host}"
     assert urls["worker"] == urls["worker-gpu1"] == f"redis://worker:{AUTH.worker}@{host}"
+
+
+def test_auto_int8_reaches_the_worker_and_is_refused_where_it_cannot_run() -> None:
+    def worker_settings(model: dict[str, Any]) -> Settings:
+        r = dataclasses.replace(spec.resolve("demo", "ml", {"model": model}), redis_auth=AUTH)
+        env = {e["name"]: e.get("value", "") for e in builders.worker_env(r)}
+        return Settings.from_env(env)
+
+    assert worker_settings({"autoInt8": True}).auto_int8 == 1
+    assert worker_settings({"autoInt8": True, "precision": "auto", "runtime": "openvino"}).auto_int8 == 1
+    assert worker_settings({}).auto_int8 == 0
+    with pytest.raises(spec.SpecError, match="autoInt8 needs spec.model.precision auto"):
+        spec.resolve("demo", "ml", {"model": {"autoInt8": True, "precision": "fp32"}})
+    with pytest.raises(spec.SpecError, match="runtime keras cannot run int8"):
+        spec.resolve("demo", "ml", {"model": {"autoInt8": True, "runtime": "keras"}})

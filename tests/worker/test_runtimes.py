@@ -51,12 +51,13 @@ def test_runtime_and_precision_settings_are_validated():
         Settings.from_env({"INFERSTACK_PRECISION": "fp8"})
 
 
-def test_auto_picks_openvino_bf16_on_a_cpu_and_keras_fp32_when_asked():
-    # The worker extra installs openvino; CI has no GPU (where one is visible, auto means Keras fp16 + XLA).
+def test_auto_picks_openvino_on_a_cpu_measuring_its_precision_and_keras_fp32_when_asked():
+    # The worker extra installs openvino; CI has no GPU (where one is visible, auto means Keras + XLA,
+    # its precision measured too). The measurement itself: tests/worker/test_precision_auto.py.
     gpu = gpu_available()
-    auto = Plan("keras", "fp16", gpu=True) if gpu else Plan("openvino", "bf16", gpu=False)
+    auto = Plan("keras", "auto", gpu=True) if gpu else Plan("openvino", "auto", gpu=False)
     assert resolve(Settings()) == auto
-    assert resolve(Settings(runtime="keras")) == Plan("keras", "fp16" if gpu else "fp32", gpu=gpu)
+    assert resolve(Settings(runtime="keras")) == Plan("keras", "auto" if gpu else "fp32", gpu=gpu)
     assert not resolve(Settings(runtime="keras", precision="bf16")).xla
 
 
@@ -128,7 +129,7 @@ def test_openvino_matches_keras_and_caches_the_converted_model(digits_model, tmp
     first = load_classifier(settings)
     info = {k: v for k, v in first.info().items() if k != "labels"}
     assert info == {"name": "digits.keras", "input_shape": [32, 32, 3], "classes": 10,
-                    "runtime": "openvino", "precision": "fp32"}
+                    "runtime": "openvino", "precision": "fp32", "precision_choice": {}}
     assert first.info()["labels"] == first.labels
     out = first.predict(x)
     assert np.abs(out - np.asarray(model(x, training=False))).max() < 1e-5

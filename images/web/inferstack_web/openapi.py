@@ -114,6 +114,7 @@ SCHEMAS: dict[str, Any] = {
             "platform": {"type": "string"},
             "inputs": {"type": "array", "items": _ref("TensorMetadata")},
             "outputs": {"type": "array", "items": _ref("TensorMetadata")},
+            "parameters": _ref("Parameters"),
         },
     },
     "RequestInput": {

@@ -23,6 +23,7 @@ from flask import Blueprint, Flask, Response, jsonify, request
 
 from inferstack.config import Settings
 from inferstack.contract import http
+from inferstack.contract.messages import ModelRecord
 from inferstack.contract.settings import MAX_IMAGES_PER_REQUEST, MAX_TENSOR_RANK
 from inferstack.protocol import WebQueue
 
@@ -97,6 +98,7 @@ class V2Endpoints:
             platform="inferstack_keras",
             inputs=[{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
             outputs=[{"name": OUTPUT, "datatype": "FP32", "shape": [-1, classes]}],
+            parameters=_model_parameters(record),
         )
 
     def model_ready(self, model: str, version: str | None = None) -> Response:
@@ -159,6 +161,14 @@ def register_v2_endpoints(app: Flask, endpoints: V2Endpoints) -> None:
                         methods=methods)
     install_error_handlers(bp, v2_error_body, endpoints.settings.max_image_bytes)
     app.register_blueprint(bp)
+
+
+def _model_parameters(record: ModelRecord | None) -> dict[str, str]:
+    """What runs the model (v2 parameters hold scalars: the precision choice travels as a JSON string)."""
+    if record is None:
+        return {}
+    return {"runtime": record.runtime, "precision": record.precision,
+            "precision_choice": json.dumps(dict(record.precision_choice), sort_keys=True)}
 
 
 def _output_tensors(outputs: list[RequestedOutput], probs: np.ndarray, labels: list[str] | None

@@ -10,13 +10,21 @@ from PIL import Image
 
 from inferstack.contract.messages import ModelRecord
 
+from .live_int8 import Reservoir
+
+
+def fit_pixels(pixels: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
+    """One queued uint8 image at the model's (h, w), still uint8."""
+    h, w, _ = input_shape
+    if pixels.shape[:2] != (h, w):
+        pixels = np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR))
+    return pixels
+
 
 def prepare_pixels(pixels: np.ndarray, input_shape: tuple[int, int, int]) -> np.ndarray:
     """One queued uint8 image -> float32 (h, w, c) at the model's size."""
-    h, w, c = input_shape
-    if pixels.shape[:2] != (h, w):
-        pixels = np.asarray(Image.fromarray(pixels).resize((w, h), Image.Resampling.BILINEAR))
-    x = pixels.astype(np.float32)
+    c = input_shape[2]
+    x = fit_pixels(pixels, input_shape).astype(np.float32)
     if c == 1 and x.shape[2] == 3:
         x = x @ np.array([[0.299], [0.587], [0.114]], dtype=np.float32)
     return x
@@ -35,6 +43,7 @@ class Classifier:
         buckets: list[int] | None = None,
         runtime: str = "keras",
         precision: str = "fp32",
+        choice: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.labels = labels
@@ -44,9 +53,21 @@ class Classifier:
         self._call = call
         # Shape-specialising compilers (XLA, JAX) see only these batch sizes: no compile while serving.
         self._buckets = sorted(buckets) if buckets else None
+        # precision auto / auto int8: what was measured and chosen; updated while serving.
+        self.choice: dict[str, Any] = choice if choice is not None else {}
+        self.reservoir: Reservoir | None = None  # auto int8 samples the served inputs into it
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        return prepare_pixels(pixels, self.input_shape)
+        fitted = fit_pixels(pixels, self.input_shape)
+        if self.reservoir is not None:
+            self.reservoir.offer(fitted)
+        return prepare_pixels(fitted, self.input_shape)
+
+    def switch(self, call: Callable[[np.ndarray], Any], precision: str) -> None:
+        """Serve with another compiled call from the next batch on (one attribute store: no lock needed)."""
+        self._call = call
+        self.precision = precision
+        self.reservoir = None
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """float32 (n, h, w, c) -> probabilities (n, classes)."""
@@ -72,7 +93,8 @@ class Classifier:
     def record(self) -> ModelRecord:
         """What the workers advertise to the web tier (labels answer the v2 classification extension)."""
         return ModelRecord(name=self.name, input_shape=self.input_shape, classes=len(self.labels),
-                           labels=tuple(self.labels), runtime=self.runtime, precision=self.precision)
+                           labels=tuple(self.labels), runtime=self.runtime, precision=self.precision,
+                           precision_choice=json.loads(json.dumps(self.choice)))
 
     def info(self) -> dict[str, Any]:
         """The record as its JSON object (the wire shape is ModelRecord's)."""

@@ -33,6 +33,7 @@ def main() -> None:
     from inferstack.protocol import WorkerQueue
 
     from .model import load_classifier
+    from .precision_metrics import PrecisionCollector
     from .worker import Worker, default_worker_name, stall_bound
 
     try:
@@ -49,6 +50,7 @@ def main() -> None:
 
     queue = WorkerQueue(settings.redis_url, settings.queue_prefix, settings.worker_name or default_worker_name())
     worker = Worker(settings, classifier, queue, stall_timeout_s)
+    worker.metrics.registry.register(PrecisionCollector(classifier, settings.model_name))
     if settings.metrics_port:
         worker.metrics.serve(settings.metrics_port)
         log.info("metrics on :%d/metrics", settings.metrics_port)

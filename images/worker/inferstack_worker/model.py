@@ -26,6 +26,7 @@ from .loading import (
     load_keras_model,
     model_name,
 )
+from . import precision_choice
 from .runtime import Plan, bucket_sizes, resolve
 
 __all__ = [
@@ -67,22 +68,52 @@ def _keras_classifier(settings: Settings, plan: Plan, features: bool = False) ->
     labels = [] if features else labels_for(settings, name, int(np.prod(model.output_shape[1:])))
     if features:
         model = feature_model(model)
-    model = keras_runtime.with_precision(model, plan.precision)
-    call, pad = keras_runtime.compile_call(model, preprocess, shape, xla=plan.xla)
-    return Classifier(name, labels, shape, call, buckets=bucket_sizes(settings.batch_size) if pad else None,
-                      runtime="keras", precision=plan.precision)
+    pads: list[bool] = []
+
+    def compile_one(precision: str) -> tuple[Any, str]:
+        call, pad = keras_runtime.compile_call(keras_runtime.with_precision(model, precision), preprocess, shape,
+                                               xla=plan.xla)
+        pads.append(pad)
+        return call, precision
+
+    status: dict[str, Any] = {}
+    if plan.precision == "auto":  # a GPU node: mixed fp16 or bf16 (or fp32), whichever runs fastest
+        # Timed at the batch size and at 1, both compiled bucket shapes: no padding needed to time them.
+        choice, call = precision_choice.measure(compile_one, list(keras_runtime.POLICIES), shape,
+                                                settings.batch_size, settings.precision_trials)
+        precision, status = choice.chosen, {"auto": choice.info()}
+    else:
+        precision = plan.precision
+        call, _ = compile_one(precision)
+    return Classifier(name, labels, shape, call, buckets=bucket_sizes(settings.batch_size) if pads[0] else None,
+                      runtime="keras", precision=precision, choice=status)
 
 
-def _openvino_model(settings: Settings, plan: Plan, name: str, features: bool = False) -> object:
-    """The converted (and, for int8, quantized) OpenVINO model, from the cache when it holds one."""
+def _openvino_model(settings: Settings, precision: str, name: str, features: bool = False,
+                    converted: object | None = None) -> object:
+    """The converted (and, for int8, quantized) OpenVINO model, from the cache when it holds one.
+
+    ``converted``: the float model already converted in this process (auto quantizes it for int8)."""
     from . import openvino_runtime as ovr
 
-    key = ovr.cache_key(settings, plan.precision, is_file_model(settings.model))
-    if key and features:
-        key += "-features"
+    key = _openvino_key(settings, precision, features)
     ov_model = ovr.read_cached(settings.cache_dir, key)
     if ov_model is not None:
         return ov_model
+    if converted is None:
+        converted = _convert(settings, name, features)
+    ov_model = converted
+    if precision == "int8":
+        shape = ovr.input_shape_of(converted)
+        images = ovr.calibration_images(settings.calibration_dir or "", lambda p: prepare_pixels(p, shape), shape)
+        ov_model = ovr.quantize(converted, images)
+    ovr.write_cached(ov_model, settings.cache_dir, key)
+    return ov_model
+
+
+def _convert(settings: Settings, name: str, features: bool) -> object:
+    from . import openvino_runtime as ovr
+
     model, preprocess = load_keras_model(settings)
     shape = input_shape_of(name, model.input_shape)
     if settings.labels and not features:  # a wrong labels file is refused before a long conversion
@@ -90,19 +121,33 @@ def _openvino_model(settings: Settings, plan: Plan, name: str, features: bool = 
     if features:
         model = feature_model(model)
     log.info("converting %s to OpenVINO", name)
-    ov_model = ovr.convert(model, preprocess, shape)
-    if plan.precision == "int8":
-        images = ovr.calibration_images(settings.calibration_dir or "", lambda p: prepare_pixels(p, shape), shape)
-        ov_model = ovr.quantize(ov_model, images)
-    ovr.write_cached(ov_model, settings.cache_dir, key)
-    return ov_model
+    return ovr.convert(model, preprocess, shape)
+
+
+def _openvino_key(settings: Settings, precision: str, features: bool) -> str | None:
+    from . import openvino_runtime as ovr
+
+    key = ovr.cache_key(settings, precision, is_file_model(settings.model))
+    return key + "-features" if key and features else key
 
 
 def _openvino_classifier(settings: Settings, plan: Plan, features: bool = False) -> Classifier:
     from . import openvino_runtime as ovr
 
     name = model_name(settings.model)
-    ov_model = _openvino_model(settings, plan, name, features)
+    if plan.precision == "auto":
+        from .openvino_auto import load_auto
+
+        float_model = _openvino_model(settings, "fp32", name, features)
+        labels = [] if features else labels_for(settings, name, ovr.classes_of(float_model))
+
+        def model_for(precision: str) -> object:
+            if precision == "fp32":
+                return float_model
+            return _openvino_model(settings, precision, name, features, converted=float_model)
+
+        return load_auto(settings, name, labels, model_for, _openvino_key(settings, "fp32", features))
+    ov_model = _openvino_model(settings, plan.precision, name, features)
     labels = [] if features else labels_for(settings, name, ovr.classes_of(ov_model))
     call, effective = ovr.compile_call(ov_model, plan.precision, settings.cache_dir)
     return Classifier(name, labels, ovr.input_shape_of(ov_model), call, runtime="openvino", precision=effective)

@@ -107,14 +107,14 @@ def cache_key(settings: Settings, precision: str, is_file: bool) -> str | None:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _ir_path(cache_dir: str, key: str) -> Path:
+def ir_path(cache_dir: str, key: str) -> Path:
     return Path(cache_dir) / "openvino" / f"{key}.xml"
 
 
 def read_cached(cache_dir: str | None, key: str | None) -> Any | None:
     if not cache_dir or not key:
         return None
-    path = _ir_path(cache_dir, key)
+    path = ir_path(cache_dir, key)
     if not path.exists():
         return None
     import openvino as ov
@@ -126,18 +126,39 @@ def read_cached(cache_dir: str | None, key: str | None) -> Any | None:
 def write_cached(ov_model: Any, cache_dir: str | None, key: str | None) -> None:
     if not cache_dir or not key:
         return
-    import openvino as ov
-
-    path = _ir_path(cache_dir, key)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Write aside, then rename: a worker killed mid-write, or a sibling reading, never sees half a file.
-        tmp = path.with_name(f"{key}.{os.getpid()}.tmp.xml")
-        ov.save_model(ov_model, tmp, compress_to_fp16=False)
-        os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
-        os.replace(tmp, path)
+        save_ir(ov_model, ir_path(cache_dir, key))
     except OSError as exc:
         log.warning("cannot cache the converted model in %s: %s", cache_dir, exc)
+
+
+# OPTIMIZATION_CAPABILITIES entries that make a float precision worth timing.
+CAPABILITIES = {"bf16": "BF16", "fp16": "FP16"}
+
+
+def device_precisions() -> list[str]:
+    """The float precisions OpenVINO's CPU plugin lists for this CPU: fp32 first, then bf16/fp16."""
+    import openvino as ov
+
+    caps = set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+    return ["fp32"] + [p for p, cap in CAPABILITIES.items() if cap in caps]
+
+
+def device_name() -> str:
+    import openvino as ov
+
+    return str(ov.Core().get_property("CPU", "FULL_DEVICE_NAME"))
+
+
+def save_ir(ov_model: Any, path: Path) -> None:
+    """Write aside, then rename: a worker killed mid-write, or a sibling reading, never sees half a file."""
+    import openvino as ov
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.xml")
+    ov.save_model(ov_model, tmp, compress_to_fp16=False)
+    os.replace(tmp.with_suffix(".bin"), path.with_suffix(".bin"))
+    os.replace(tmp, path)
 
 
 def input_shape_of(ov_model: Any) -> tuple[int, int, int]:

@@ -15,7 +15,7 @@ log = logging.getLogger("inferstack.worker")
 @dataclass(frozen=True)
 class Plan:
     runtime: str  # keras | openvino
-    precision: str  # fp32 | bf16 | fp16 | int8 (what was asked for; the hardware may run less)
+    precision: str  # auto | fp32 | bf16 | fp16 | int8 (what was asked for; the hardware may run less)
     gpu: bool  # Keras sees a GPU: XLA compilation and fixed batch shapes
 
     @property
@@ -74,9 +74,12 @@ def resolve(settings: Settings) -> Plan:
                 f"{keras_backend()!r}; set KERAS_BACKEND=tensorflow or use INFERSTACK_RUNTIME=keras"
             )
     precision = settings.precision
-    if precision == "auto":
-        # OpenVINO's bf16 hint runs bf16 only where the CPU has it (AMX, AVX512-BF16), else f32.
-        precision = "bf16" if runtime == "openvino" else "fp16" if gpu else "fp32"
+    if precision == "auto" and runtime == "keras" and not gpu:
+        # Keras on CPU has one fast path: bf16 needs AMX/AVX512-BF16 kernels TensorFlow seldom uses.
+        log.info("precision auto with Keras on CPU: fp32, the only precision its CPU kernels run fast")
+        precision = "fp32"
+    # Otherwise auto stays auto: the loader times each precision the device offers (precision_choice).
+    _check_auto_int8(settings, runtime, precision)
     if precision == "int8":
         if runtime != "openvino":
             raise ConfigError(
@@ -100,3 +103,20 @@ def resolve(settings: Settings) -> Plan:
     if runtime == "keras" and not gpu and precision == "bf16":
         log.warning("Keras bf16 on CPU is only faster with AMX/AVX512-BF16; without them expect it slower than fp32")
     return Plan(runtime=runtime, precision=precision, gpu=gpu)
+
+
+def _check_auto_int8(settings: Settings, runtime: str, precision: str) -> None:
+    if not settings.auto_int8:
+        return
+    if settings.precision != "auto":
+        raise ConfigError(
+            f"INFERSTACK_AUTO_INT8=1 switches precision by measurement; it needs INFERSTACK_PRECISION=auto, "
+            f"got {settings.precision!r}"
+        )
+    if runtime != "openvino":
+        raise ConfigError(
+            f"INFERSTACK_AUTO_INT8=1 quantizes with OpenVINO and NNCF; the {runtime} runtime cannot run int8 "
+            "(use INFERSTACK_RUNTIME=openvino or auto on a CPU node)"
+        )
+    if importlib.util.find_spec("nncf") is None:
+        raise ConfigError("INFERSTACK_AUTO_INT8=1 needs the nncf package (pip install 'inferstack[worker]')")

@@ -66,14 +66,14 @@ class Worker:
     def _heartbeat_loop(self) -> None:
         # A thread, so a long batch (TensorFlow releases the GIL) does not look like a dead worker;
         # but it only vouches for a main loop that moves: a hung model call must not look alive.
-        info = self.classifier.record()
         while not self.stopping.is_set():
             stalled = time.monotonic() - self._progress
             if stalled > self.stall_timeout_s:
                 self._die_stalled(stalled)
                 return
             try:
-                self.queue.heartbeat(info)
+                # Read each beat: auto int8 may switch the precision while serving.
+                self.queue.heartbeat(self.classifier.record())
             except redis.RedisError as exc:
                 log.debug("heartbeat failed: %s", exc)
             if self.ready_file is not None:
