@@ -120,7 +120,7 @@ class Inference:
         self, pixels: Sequence[np.ndarray], top_k: int, started: float, probabilities: bool = False
     ) -> list[Result]:
         """Queue the decoded images and wait for their replies, in order."""
-        ids = [self._submit(p, top_k, probabilities) for p in pixels]
+        ids = self._submit(list(pixels), top_k, probabilities)
         return [self._wait(request_id, started) for request_id in ids]
 
     def _decode(self, data: bytes, index: int, count: int) -> np.ndarray:
@@ -134,9 +134,10 @@ class Inference:
         metrics.DECODE.observe(time.perf_counter() - t0)
         return pixels
 
-    def _submit(self, pixels: np.ndarray, top_k: int, probabilities: bool) -> str:
+    def _submit(self, pixels: list[np.ndarray], top_k: int, probabilities: bool) -> list[str]:
         try:
-            return self.queue.submit(pixels, top_k, probabilities)
+            # All of the request's images in one call, or none (a refused request leaves nothing queued).
+            return self.queue.submit_many(pixels, top_k, probabilities)
         except QueueFull:
             raise Unavailable("The server is at capacity (request queue full); retry shortly.", 1) from None
         except RedisFull:
