@@ -29,7 +29,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from inferstack.contract.messages import (
-    DEADLINE_FIELD,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
     EntryError,
@@ -39,82 +38,51 @@ from inferstack.contract.messages import (
 )
 from inferstack.contract.queue import (
     DEAD_LETTER_MAXLEN,
+    FN_ENQUEUE,
+    FN_HEARTBEAT,
+    FN_LIVE_WORKERS,
+    FN_NOW_MS,
+    FN_TRIM_ANSWERED,
+    FN_WAITING,
     GROUP,
     HEARTBEAT_TTL_S,
     MAX_DELIVERIES,
     REPLY_GRACE_S,
     Keys,
 )
+from inferstack.contract.redis_functions import LIBRARY
 
 # Re-exported: the names this module has always offered (tests and other branches import them).
 __all__ = [
     "DEAD_LETTER_MAXLEN", "GROUP", "HEARTBEAT_TTL_S", "MAX_DELIVERIES", "PROTOCOL_VERSION", "REPLY_GRACE_S",
     "SUPPORTED_VERSIONS", "Keys", "ModelRecord", "Poison", "QueueEntry", "QueueFull", "RedisFull", "Reply",
     "ReplyTimeout", "Request", "WebQueue", "WorkerQueue", "connect", "decode_entry", "decode_probabilities",
-    "encode_entry", "encode_probabilities", "ensure_group",
+    "encode_entry", "encode_probabilities", "ensure_group", "is_transient", "load_functions",
 ]
 
 # Above this share of maxmemory the web tier stops queueing (503) so that the workers'
 # replies, which need memory too, still fit.
 MEMORY_ADMISSION_RATIO = 0.9
 
-# Atomic "enqueue unless full": XLEN and XADD in one script so concurrent web processes
-# cannot overshoot the cap. The deadline is taken from the Redis clock, shared by all pods.
-# ARGV: max_queue, timeout_ms, then the entry's field/value pairs.
-_ENQUEUE = """
-local n = redis.call('XLEN', KEYS[1])
-if n >= tonumber(ARGV[1]) then return {0, n} end
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local args = {KEYS[1], '*'}
-for i = 3, #ARGV do args[#args + 1] = ARGV[i] end
-args[#args + 1] = '%s'
-args[#args + 1] = now_ms + tonumber(ARGV[2])
-redis.call('XADD', unpack(args))
-redis.call('PUBLISH', KEYS[2], '1')
-return {1, n + 1}
-""" % DEADLINE_FIELD
+# Redis errors that mean "away or busy for now": retrying is right and is progress, not a hang.
+_TRANSIENT = ("BUSY", "LOADING", "TRYAGAIN", "MASTERDOWN", "READONLY", "OOM", "CLUSTERDOWN")
 
-_HEARTBEAT = """
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(ARGV[2]), ARGV[1])
-if ARGV[3] ~= '' then redis.call('SET', KEYS[2], ARGV[3], 'EX', tonumber(ARGV[2]) * 6) end
-return 1
-"""
 
-_LIVE_WORKERS = """
-local t = redis.call('TIME')
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. t[1])
-return redis.call('ZRANGE', KEYS[1], 0, -1)
-"""
+def is_transient(exc: redis.RedisError) -> bool:
+    """Redis is unreachable, restarting or refusing for a while; not an error in what we sent."""
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
+                        redis.exceptions.OutOfMemoryError, redis.exceptions.ReadOnlyError)):
+        return True
+    return str(exc).startswith(_TRANSIENT)
 
-# Drop answered entries from the stream: everything older than the oldest entry still pending,
-# or, with nothing pending, everything the group has read. Trimming from the head (XTRIM MINID)
-# keeps the group's lag exact; XDEL of an entry above the oldest pending one (workers finishing
-# out of order) makes Redis report the lag as NULL, which KEDA reads as 0. ARGV[1]: the group.
-_TRIM_ANSWERED = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1])
-local floor = false
-if p[1] > 0 then
-  floor = p[2]
-else
-  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
-    local f = {}
-    for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
-    if f['name'] == ARGV[1] then
-      local ms, seq = string.match(f['last-delivered-id'], '^(%d+)-(%d+)$')
-      floor = ms .. '-' .. string.format('%.0f', tonumber(seq) + 1)
-    end
-  end
-end
-if floor then return redis.call('XTRIM', KEYS[1], 'MINID', floor) end
-return 0
-"""
 
-_NOW_MS = """
-local t = redis.call('TIME')
-return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-"""
+def _missing_function(exc: redis.ResponseError) -> bool:
+    return "function not found" in str(exc).lower()
+
+
+def load_functions(client: redis.Redis) -> None:
+    """Load (or replace) the queue's function library: the worker and the Redis pod's hook do this."""
+    client.function_load(LIBRARY, replace=True)
 
 
 class QueueFull(Exception):
@@ -203,8 +171,6 @@ class WebQueue:
         self.fast = connect(url, timeout_s=2.0)
         # BLPOP holds the socket for the whole request timeout.
         self.blocking = connect(url, timeout_s=timeout_s + 5.0)
-        self._enqueue = self.fast.register_script(_ENQUEUE)
-        self._live = self.fast.register_script(_LIVE_WORKERS)
         self._memory_checked = 0.0
         self._memory_full = False
         self._memory_admission = True
@@ -227,23 +193,32 @@ class WebQueue:
 
     def submit(self, pixels: np.ndarray, top_k: int, probabilities: bool = False) -> str:
         """Queue one image; raises QueueFull at the cap, RedisFull near maxmemory, redis.RedisError when away."""
-        if pixels.dtype != np.uint8 or pixels.ndim != 3:
-            raise ValueError("pixels must be a uint8 array of shape (h, w, c)")
+        return self.submit_many([pixels], top_k, probabilities)[0]
+
+    def submit_many(self, images: list[np.ndarray], top_k: int, probabilities: bool = False) -> list[str]:
+        """Queue a request's images all at once (one function call) or none: their request ids, in order.
+
+        Raises QueueFull when they would take the waiting requests past the cap, RedisFull near
+        maxmemory, redis.RedisError when Redis is away.
+        """
+        if not images or any(p.dtype != np.uint8 or p.ndim != 3 for p in images):
+            raise ValueError("images must be uint8 arrays of shape (h, w, c), at least one")
         self.check_memory()
-        request_id = uuid.uuid4().hex
+        ids = [uuid.uuid4().hex for _ in images]
+        args: list[Any] = [self.max_queue, int(self.timeout_s * 1000), self.keys.arrivals, GROUP, len(images)]
+        for request_id, pixels in zip(ids, images):
+            fields = encode_entry(request_id, pixels, top_k, probabilities)
+            args += [len(fields), *fields]
         try:
-            ok, depth = self._enqueue(
-                keys=[self.keys.stream, self.keys.arrivals],
-                args=[self.max_queue, int(self.timeout_s * 1000), *encode_entry(request_id, pixels, top_k, probabilities)],
-            )
+            ok, depth = self.fast.fcall(FN_ENQUEUE, 1, self.keys.stream, *args)
         except redis.ResponseError as exc:
             if isinstance(exc, redis.exceptions.OutOfMemoryError) or "maxmemory" in str(exc):
                 self._memory_full, self._memory_checked = True, time.monotonic()
                 raise RedisFull(str(exc)) from None
             raise
         if not ok:
-            raise QueueFull(f"queue holds {depth} requests (limit {self.max_queue})")
-        return request_id
+            raise QueueFull(f"{depth} requests wait (limit {self.max_queue}); this one has {len(images)} image(s)")
+        return ids
 
     def wait_reply(self, request_id: str, timeout_s: float | None = None) -> Reply:
         """The worker's Reply to one request; raises ReplyTimeout."""
@@ -261,10 +236,11 @@ class WebQueue:
         return item[1]
 
     def depth(self) -> int:
-        return int(self.fast.xlen(self.keys.stream))
+        """Requests waiting for an answer (queued or being worked on), what the cap counts."""
+        return int(self.fast.fcall(FN_WAITING, 1, self.keys.stream, GROUP))
 
     def live_workers(self) -> list[str]:
-        return [m.decode() for m in self._live(keys=[self.keys.workers])]
+        return [m.decode() for m in self.fast.fcall(FN_LIVE_WORKERS, 1, self.keys.workers)]
 
     def model_info(self) -> dict[str, Any] | None:
         """The ModelRecord the workers advertise, as its JSON object (None before any worker ran)."""
@@ -289,23 +265,31 @@ class WorkerQueue:
         self.name = name
         self.block_ms = block_ms
         self.redis = connect(url, timeout_s=block_ms / 1000 + 5.0)
-        self._heartbeat = self.redis.register_script(_HEARTBEAT)
-        self._live = self.redis.register_script(_LIVE_WORKERS)
-        self._now = self.redis.register_script(_NOW_MS)
-        self._trim = self.redis.register_script(_TRIM_ANSWERED)
         self._own_backlog_checked = False
         self._arrivals: redis.client.PubSub | None = None
         self._last_batch = 0
 
     def ensure_group(self) -> None:
+        """The function library (this release's), the stream and the group: at start and after Redis lost them."""
+        load_functions(self.redis)
         ensure_group(self.redis, self.keys.stream)
+
+    def _fcall(self, function: str, keys: list[str], args: list[Any] = ()) -> Any:
+        """FCALL, loading the library first when Redis lost it (a restart without persistence)."""
+        try:
+            return self.redis.fcall(function, len(keys), *keys, *args)
+        except redis.ResponseError as exc:
+            if not _missing_function(exc):
+                raise
+        load_functions(self.redis)
+        return self.redis.fcall(function, len(keys), *keys, *args)
 
     def heartbeat(self, model_info: ModelRecord | dict[str, Any] | None = None) -> None:
         if isinstance(model_info, ModelRecord):
             info = model_info.to_wire()
         else:
             info = json.dumps(model_info) if model_info else ""
-        self._heartbeat(keys=[self.keys.workers, self.keys.model], args=[self.name, HEARTBEAT_TTL_S, info])
+        self._fcall(FN_HEARTBEAT, [self.keys.workers, self.keys.model], [self.name, HEARTBEAT_TTL_S, info])
 
     def leave(self) -> None:
         self.redis.zrem(self.keys.workers, self.name)
@@ -321,7 +305,7 @@ class WorkerQueue:
             self._arrivals = None
 
     def now_ms(self) -> int:
-        return int(self._now())
+        return int(self._fcall(FN_NOW_MS, []))
 
     def _read(self, count: int, block_ms: int | None, start: str = ">") -> list[Request | Poison]:
         try:
@@ -378,23 +362,28 @@ class WorkerQueue:
             # when we come back for more, and the window applies.
             return batch
         end = time.monotonic() + max_delay_ms / 1000
+        # Subscribed only for the window: a subscription nobody reads (idle in XREADGROUP, busy in
+        # the model) would make Redis buffer every arrival notice for this client.
         arrivals = self._subscribe()
-        while arrivals.get_message(timeout=0) is not None:
-            pass  # announcements of requests we already hold
-        batch += self._read(batch_size - len(batch), None)
-        while len(batch) < batch_size:
-            left = end - time.monotonic()
-            if left <= 0:
-                break
-            if arrivals.get_message(timeout=left) is not None:
-                batch += self._read(batch_size - len(batch), None)
+        try:
+            while arrivals.get_message(timeout=0) is not None:
+                pass  # stale notices, and those of requests we already hold
+            batch += self._read(batch_size - len(batch), None)
+            while len(batch) < batch_size:
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                if arrivals.get_message(timeout=left) is not None:
+                    batch += self._read(batch_size - len(batch), None)
+        finally:
+            arrivals.unsubscribe()
         self._last_batch = len(batch)
         return batch
 
     def _subscribe(self) -> redis.client.PubSub:
         if self._arrivals is None:
             self._arrivals = self.redis.pubsub(ignore_subscribe_messages=True)
-            self._arrivals.subscribe(self.keys.arrivals)
+        self._arrivals.subscribe(self.keys.arrivals)
         return self._arrivals
 
     def reclaim_from_dead(self) -> Request | Poison | None:
@@ -403,7 +392,7 @@ class WorkerQueue:
         One at a time: the dead worker's batch may hold the input that killed it, and the
         innocent requests beside it must not be failed with it.
         """
-        live = {m.decode() for m in self._live(keys=[self.keys.workers])}
+        live = {m.decode() for m in self._fcall(FN_LIVE_WORKERS, [self.keys.workers])}
         live.add(self.name)
         try:
             consumers = self.redis.xinfo_consumers(self.keys.stream, GROUP)
@@ -443,26 +432,49 @@ class WorkerQueue:
         """Write replies and acknowledge, atomically: a request is either answered or still pending.
 
         Poison entries go to the dead-letter stream with their reason, and their client (when
-        the entry names one) is answered with an error at once.
+        the entry names one) is answered with an error at once. A reply key someone made into
+        another type (WRONGTYPE) cannot take its answer: that request is dead-lettered too,
+        rather than retrying a reply that can never be written.
         """
         pipe = self.redis.pipeline(transaction=True)
+        replies: dict[int, tuple[bytes, str]] = {}  # pipeline index of each RPUSH -> (entry, request)
         for req, reply in results:
             if reply is not None:
+                replies[len(pipe)] = (req.entry_id, req.request_id)
                 self._reply(pipe, req.request_id, reply, max(1, (req.deadline_ms - now_ms) // 1000))
             pipe.xack(self.keys.stream, GROUP, req.entry_id)
         for poison in dead:
-            record: dict[str, Any] = {
-                k.decode(errors="replace"): v for k, v in poison.fields.items() if k != b"data"
-            }
-            record.update(entry=poison.entry_id, reason=poison.reason, worker=self.name,
-                          deliveries=poison.deliveries, data_bytes=len(poison.fields.get(b"data", b"")))
-            pipe.xadd(self.keys.dead, record, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+            pipe.xadd(self.keys.dead, self._dead_record(poison.entry_id, poison.reason, poison.fields,
+                                                        poison.deliveries), maxlen=DEAD_LETTER_MAXLEN, approximate=True)
             if poison.request_id is not None:
                 error = Reply.failure("The request could not be processed by the workers; retrying it "
                                       "will not help. Report it if it persists.", poison.reason)
+                replies[len(pipe)] = (poison.entry_id, poison.request_id)
                 self._reply(pipe, poison.request_id, error, 0)
             pipe.xack(self.keys.stream, GROUP, poison.entry_id)
-        self._trim(keys=[self.keys.stream], args=[GROUP], client=pipe)
+        trim_at = len(pipe)
+        pipe.fcall(FN_TRIM_ANSWERED, 1, self.keys.stream, GROUP)
+        # EXEC ran every command even where one failed: report those, never redo the transaction.
+        outcome = pipe.execute(raise_on_error=False)
+        unwritable = [replies[i] for i, out in enumerate(outcome) if i in replies and isinstance(out, Exception)]
+        if unwritable:
+            self._dead_letter_replies(unwritable)
+        if isinstance(outcome[trim_at], redis.ResponseError) and _missing_function(outcome[trim_at]):
+            load_functions(self.redis)  # answered entries are trimmed on the next completion
+
+    def _dead_record(self, entry_id: bytes, reason: str, fields: dict[bytes, bytes], deliveries: int) -> dict[str, Any]:
+        record: dict[str, Any] = {k.decode(errors="replace"): v for k, v in fields.items() if k != b"data"}
+        record.update(entry=entry_id, reason=reason, worker=self.name, deliveries=deliveries,
+                      data_bytes=len(fields.get(b"data", b"")))
+        return record
+
+    def _dead_letter_replies(self, unwritable: list[tuple[bytes, str]]) -> None:
+        """Requests whose reply key is not a list (made so by someone else): already acknowledged."""
+        pipe = self.redis.pipeline(transaction=False)
+        for entry_id, request_id in unwritable:
+            reason = f"its reply key {self.keys.reply(request_id)} holds another type; the answer cannot be written"
+            pipe.xadd(self.keys.dead, self._dead_record(entry_id, reason, {b"id": request_id.encode()}, 1),
+                      maxlen=DEAD_LETTER_MAXLEN, approximate=True)
         pipe.execute()
 
     def _reply(self, pipe: Any, request_id: str, reply: Reply | dict[str, Any], ttl_s: int) -> None:

@@ -112,10 +112,26 @@ class LocalStack:
         while time.monotonic() < deadline:
             try:
                 socket.create_connection(("127.0.0.1", self.redis_port), timeout=0.2).close()
+                self._load_functions()
                 return
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"redis-server did not start on port {self.redis_port}")
+
+    def _load_functions(self) -> None:
+        """The queue's Redis functions, as the Redis pod's start hook loads them: the web tier can
+        queue before any worker ran. Skipped on a server with ACL users (its worker loads them)."""
+        import redis
+
+        from inferstack.contract.redis_functions import LIBRARY
+
+        try:
+            redis.Redis(port=self.redis_port, socket_timeout=5).function_load(LIBRARY, replace=True)
+        except (redis.AuthenticationError, redis.exceptions.NoPermissionError):
+            pass
+        except redis.ResponseError as exc:
+            if "NOAUTH" not in str(exc):
+                raise
 
     def stop_redis(self) -> None:
         if self.redis is not None:

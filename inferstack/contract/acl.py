@@ -4,11 +4,14 @@ The operator renders these into the ``users.acl`` file Redis loads (``--aclfile`
 start a real redis-server on that file and run the whole data plane through it. A command the
 protocol starts to use must be added here, or the role gets ``NOPERM``.
 
-Every user sees only the queue's keys (``<prefix>:*``) and its one pub/sub channel. Lua
-scripts (EVALSHA, with EVAL/SCRIPT LOAD as redis-py's fallback) run with the caller's
-permissions, so the commands they call are listed too. ``KEYS``, ``FLUSHALL``, ``CONFIG``,
-``DEBUG``, ``MODULE`` and the rest of ``@admin``/``@dangerous`` are granted to nobody; the
-``default`` user is off.
+Every user sees only the queue's keys (``<prefix>:*``) and its one pub/sub channel. Multi-step
+work runs as the named Redis functions of redis_functions.py (FCALL); Redis checks every command
+a function calls against the caller's ACL, so those commands are listed too, but no one may run
+EVAL, EVALSHA or SCRIPT (a Lua loop would leave Redis answering BUSY). The web user is held to
+the keys it needs, each with its own commands (ACL selectors): it can only ever create the
+request stream, never a reply key or a key of another type, so it cannot wedge the workers.
+``KEYS``, ``FLUSHALL``, ``CONFIG``, ``DEBUG``, ``MODULE`` and the rest of ``@admin``/``@dangerous``
+are granted to nobody; the ``default`` user is off.
 """
 
 from __future__ import annotations
@@ -19,40 +22,58 @@ from collections.abc import Mapping
 from inferstack.contract.queue import Keys
 
 __all__ = ["HEALTH", "HEALTH_COMMANDS", "KEDA", "KEDA_COMMANDS", "WEB", "WEB_COMMANDS", "WORKER", "WORKER_COMMANDS",
-           "acl_file", "password_hash", "rules"]
+           "acl_file", "password_hash", "rules", "web_rules"]
 
 WEB = "web"
 WORKER = "worker"
 KEDA = "keda"
 HEALTH = "health"
 
-# SCRIPT EXISTS: redis-py checks a pipeline's scripts before EXEC (the worker trims in its MULTI).
-_SCRIPTS = ("evalsha", "eval", "script|load", "script|exists", "time")
+# The web tier, per key (ACL selectors, see web_rules): enqueue (FCALL: XLEN, XINFO GROUPS, XADD,
+# PUBLISH, TIME), the waiting count (FCALL: XLEN, XINFO GROUPS), the live workers (FCALL:
+# ZREMRANGEBYSCORE, ZRANGE, TIME), the model info (GET), its reply (BLPOP). INFO: memory
+# admission stops queueing near maxmemory, so that the workers' replies still fit (server
+# statistics, no keys). XGROUP CREATE: the stream and the workers' group exist from start-up,
+# before any worker ran, so KEDA can read the lag that starts the first one.
+WEB_ANYWHERE = ("ping", "info", "time", "fcall", "fcall_ro", "publish")
+WEB_ON_STREAM = ("xlen", "xinfo|groups", "xadd", "xgroup|create")
+WEB_ON_WORKERS = ("zremrangebyscore", "zrange")
+WEB_ON_MODEL = ("get",)
+WEB_ON_REPLY = ("blpop",)
+WEB_COMMANDS = (*WEB_ANYWHERE, *WEB_ON_STREAM, *WEB_ON_WORKERS, *WEB_ON_MODEL, *WEB_ON_REPLY)
 
-# The web tier: enqueue (script: XLEN, XADD, PUBLISH), wait for the reply (BLPOP), read the
-# queue depth, the model info and the live workers (script: ZREMRANGEBYSCORE, ZRANGE). INFO:
-# memory admission stops queueing near maxmemory, so that the workers' replies still fit (INFO
-# reads server statistics, no keys). XGROUP CREATE: the stream and the workers' group exist from
-# start-up, before any worker ran, so KEDA can read the lag that starts the first one.
-WEB_COMMANDS = (*_SCRIPTS, "ping", "xlen", "xadd", "publish", "blpop", "get", "zremrangebyscore", "zrange",
-                "info", "xgroup|create")
-
-# A worker: heartbeat (script: ZADD, SET), read its batches from the consumer group, wait for
-# arrivals (SUBSCRIBE), reclaim a dead worker's requests, reply and acknowledge (MULTI/EXEC),
-# move an entry it cannot serve to the dead-letter stream (XADD), trim answered entries off the
-# stream's head (script: XPENDING, XINFO GROUPS, XTRIM).
+# A worker: load the function library, heartbeat (FCALL: ZADD, SET), read its batches from the
+# consumer group, wait for arrivals (SUBSCRIBE), reclaim a dead worker's requests, reply and
+# acknowledge (MULTI/EXEC), move an entry it cannot serve to the dead-letter stream (XADD), trim
+# answered entries off the stream's head (FCALL: XPENDING, XINFO GROUPS, XTRIM).
 WORKER_COMMANDS = (
-    *_SCRIPTS, "ping", "zadd", "set", "zrem", "zremrangebyscore", "zrange",
+    "fcall", "fcall_ro", "function|load", "time", "ping", "zadd", "set", "zrem", "zremrangebyscore", "zrange",
     "xgroup|create", "xgroup|delconsumer", "xreadgroup", "xinfo|consumers", "xinfo|groups", "xpending",
-    "xclaim", "xack", "xdel", "xadd", "xtrim", "rpush", "expire", "subscribe", "unsubscribe",
+    "xclaim", "xack", "xdel", "xadd", "xlen", "xtrim", "rpush", "expire", "subscribe", "unsubscribe",
     "multi", "exec", "discard",
 )
 
 # KEDA's redis-streams scaler: read-only, on the request stream only.
 KEDA_COMMANDS = ("ping", "xlen", "xpending", "xinfo|groups", "xinfo|stream", "xinfo|consumers")
 
-# The Redis pod's own readiness probe: PING, no keys.
-HEALTH_COMMANDS = ("ping",)
+# The Redis pod's own user: its probes (PING) and its start hook, which loads the function
+# library so the web tier can queue before any worker ran. Its password lives only in the Redis
+# pod and the Secret, both of which hold every password anyway.
+HEALTH_COMMANDS = ("ping", "function|load")
+
+
+def web_rules(prefix: str) -> str:
+    """The web user's keys, each with only the commands it needs there (Redis 7 ACL selectors)."""
+    keys = Keys(prefix)
+
+    def allow(commands: tuple[str, ...]) -> str:
+        return " ".join(f"+{c}" for c in commands)
+
+    # The root rules name the keys FCALL may declare; each selector (in parentheses) adds its
+    # commands on its key only.
+    return (f"~{keys.stream} ~{keys.workers} &{keys.arrivals} -@all {allow(WEB_ANYWHERE)} "
+            f"(~{keys.stream} -@all {allow(WEB_ON_STREAM)}) (~{keys.workers} -@all {allow(WEB_ON_WORKERS)}) "
+            f"(%R~{keys.model} -@all {allow(WEB_ON_MODEL)}) (~{keys.reply('*')} -@all {allow(WEB_ON_REPLY)})")
 
 
 def password_hash(password: str) -> str:
@@ -67,8 +88,11 @@ def rules(role: str, prefix: str) -> str:
         return f"%R~{keys.stream} -@all " + " ".join(f"+{c}" for c in KEDA_COMMANDS)
     if role == HEALTH:
         return "-@all " + " ".join(f"+{c}" for c in HEALTH_COMMANDS)
-    commands = {WEB: WEB_COMMANDS, WORKER: WORKER_COMMANDS}[role]
-    return f"~{keys.pattern} &{keys.arrivals} -@all " + " ".join(f"+{c}" for c in commands)
+    if role == WEB:
+        return web_rules(prefix)
+    if role != WORKER:
+        raise KeyError(role)
+    return f"~{keys.pattern} &{keys.arrivals} -@all " + " ".join(f"+{c}" for c in WORKER_COMMANDS)
 
 
 def acl_file(users: Mapping[str, tuple[str, str]], prefix: str) -> str:

@@ -7,6 +7,10 @@ Keys, for prefix P (``INFERSTACK_QUEUE_PREFIX``, default ``inferstack``):
   P:workers         sorted set: worker name -> heartbeat expiry (unix seconds, server clock)
   P:model           the ModelRecord (messages.py) of the model the workers serve
   P:arrivals        pub/sub channel, one message per enqueue: wakes workers filling a batch
+
+Every multi-command step runs as a Redis function of the library FUNCTION_LIBRARY (source in
+redis_functions.py), loaded with FUNCTION LOAD REPLACE by each worker at start and by the Redis
+pod's own start hook; the web tier may only FCALL them (no EVAL, no SCRIPT).
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ MAX_DELIVERIES = 3
 # A reply list outlives the request's deadline by this much, then expires on its own.
 REPLY_GRACE_S = 30
 DEAD_LETTER_MAXLEN = 10_000
+
+# The Redis function library and its functions (FCALL names).
+FUNCTION_LIBRARY = "inferstack"
+FN_ENQUEUE = "inferstack_enqueue"  # all of a request's images, or none (cap on waiting requests)
+FN_WAITING = "inferstack_waiting"  # requests not yet answered: group lag + pending
+FN_LIVE_WORKERS = "inferstack_live_workers"
+FN_HEARTBEAT = "inferstack_heartbeat"
+FN_NOW_MS = "inferstack_now_ms"
+FN_TRIM_ANSWERED = "inferstack_trim_answered"
 
 
 class Keys:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from inferstack.contract import http
+from inferstack.contract.acl import HEALTH
+from inferstack.contract.queue import FUNCTION_LIBRARY
 from inferstack.contract.settings import Settings, env_name, web_memory_limit_bytes, web_tmp_bytes
 from inferstack_operator import builders_autoscaling as autoscaling
 from inferstack_operator import credentials as cred
@@ -50,6 +52,11 @@ MODELS_MOUNT = "/mnt/models"
 QUEUE_SLOT_BYTES = 512 * 1024
 REDIS_BASE_BYTES = 64 * 1024 * 1024  # replies, heartbeats, stream bookkeeping
 ACL_DIR = "/etc/redis-acl"
+# Redis' liveness PING gives up after this long (a Redis stuck in a script answers BUSY at once).
+REDIS_PING_TIMEOUT_S = 3
+# The start hook's attempts (one a second) at loading the function library while Redis starts
+# (or reads a large AOF: LOADING).
+REDIS_HOOK_TRIES = 300
 
 
 # --- shared pieces --------------------------------------------------------------------------
@@ -414,6 +421,22 @@ def redis_env(r: Resolved) -> list[EnvVar]:
     return [_secret_env("REDISCLI_AUTH", r, cred.HEALTH_PASSWORD_KEY)]
 
 
+def redis_liveness_script() -> str:
+    """PING as the health user, bounded: BUSY (a script or function that never ends) or no answer
+    fails, so the kubelet restarts Redis; LOADING (reading its AOF after a restart) is alive."""
+    return (f'r=$(timeout {REDIS_PING_TIMEOUT_S} redis-cli --user {HEALTH} -p {http.REDIS_PORT} ping 2>&1); '
+            'case "$r" in PONG|LOADING*) exit 0;; esac; echo "redis: $r"; exit 1')
+
+
+def redis_load_functions_script() -> str:
+    """The start hook: load the queue's Redis functions as soon as Redis answers, so the web tier can
+    queue before any worker ran (workers load the same library themselves)."""
+    library = f"{ACL_DIR}/{cred.FUNCTIONS_KEY}"
+    return (f"for i in $(seq {REDIS_HOOK_TRIES}); do "
+            f'redis-cli --user {HEALTH} -p {http.REDIS_PORT} -x FUNCTION LOAD REPLACE < {library} '
+            f"| grep -qx {FUNCTION_LIBRARY} && exit 0; sleep 1; done; exit 1")
+
+
 def redis_args(r: Resolved, maxmemory: int) -> list[str]:
     """redis-server's command line: ACL users, memory cap, and persistence when storage is set."""
     args = [
@@ -448,9 +471,10 @@ def _redis_container(r: Resolved, settings: OperatorSettings) -> dict[str, Any]:
             "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3,
         },
         "livenessProbe": {
-            "tcpSocket": {"port": http.REDIS_PORT_NAME},
-            "initialDelaySeconds": 10, "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 6,
+            "exec": {"command": ["sh", "-c", redis_liveness_script()]},
+            "periodSeconds": 5, "timeoutSeconds": REDIS_PING_TIMEOUT_S + 2, "failureThreshold": 3,
         },
+        "lifecycle": {"postStart": {"exec": {"command": ["sh", "-c", redis_load_functions_script()]}}},
         "resources": resources,
         "securityContext": _container_security(),
         "env": env,
@@ -479,7 +503,8 @@ def build_redis_statefulset(r: Resolved, settings: OperatorSettings) -> Manifest
     # Readable by the redis group only (fsGroup), not world-readable.
     volumes: list[dict[str, Any]] = [{"name": "acl", "secret": {
         "secretName": auth_secret_name(r.name), "defaultMode": 0o440,
-        "items": [{"key": cred.ACL_KEY, "path": cred.ACL_KEY}]}}]
+        "items": [{"key": cred.ACL_KEY, "path": cred.ACL_KEY},
+                  {"key": cred.FUNCTIONS_KEY, "path": cred.FUNCTIONS_KEY}]}}]
     if r.redis_storage is None:
         volumes.append({"name": "data", "emptyDir": {}})
     pod_spec: dict[str, Any] = {

@@ -6,6 +6,9 @@ consumer-group-lag mode, the only one that scales from zero: ``XINFO GROUPS`` la
 requests no worker has taken yet, so it is right before any worker ever ran (the web tier
 creates the stream and group at start-up, else the scaler errors), and one queued request
 wakes a zero-replica Deployment (``activationLagCount: "0"``: active when lag > 0).
+Lag mode needs KEDA >= 2.11 and Redis >= 7. Like the web tier's queue cap (lag + pending, see
+inferstack.contract.redis_functions), it ignores answered entries still in the stream, which
+``streamLength`` (XLEN) would count.
 """
 
 from __future__ import annotations

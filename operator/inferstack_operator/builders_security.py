@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 from typing import Any
 
-from inferstack.contract import http, queue
+from inferstack.contract import http, queue, redis_functions
 from inferstack.contract.acl import acl_file
 from inferstack_operator import credentials as cred
 from inferstack_operator.config import OperatorSettings
@@ -49,6 +49,7 @@ def secret_data(r: Resolved) -> dict[str, str]:
         cred.KEDA_PASSWORD_KEY: auth.keda,
         cred.HEALTH_PASSWORD_KEY: auth.health,
         cred.ACL_KEY: acl_file(auth.users(), queue.DEFAULT_PREFIX),
+        cred.FUNCTIONS_KEY: redis_functions.LIBRARY,
     }
 
 

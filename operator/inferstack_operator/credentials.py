@@ -26,6 +26,8 @@ KEDA_USERNAME_KEY = "keda-username"
 KEDA_PASSWORD_KEY = "keda-password"
 HEALTH_PASSWORD_KEY = "health-password"
 ACL_KEY = "users.acl"
+# The queue's Redis function library (Lua): the Redis pod's start hook loads it.
+FUNCTIONS_KEY = "functions.lua"
 
 
 @dataclass(frozen=True)

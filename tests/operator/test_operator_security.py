@@ -12,6 +12,8 @@ import pytest
 from tests.operator.netpol import admits
 from tests.operator.kit import AUTH, K8S_VERSION, SETTINGS, build, container, resolved
 
+from inferstack.contract.queue import FUNCTION_LIBRARY
+from inferstack.contract.redis_functions import LIBRARY
 from inferstack_operator import builders, reconcile, spec
 from inferstack_operator.config import OperatorSettings, SettingsError
 from inferstack_operator.credentials import RedisAuth
@@ -30,7 +32,9 @@ def test_secret_holds_the_urls_users_and_acl() -> None:
     secret = objs["Secret/demo-redis-auth"]
     assert secret["type"] == "Opaque"
     data = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-    assert sorted(data) == ["health-password", "keda-password", "keda-username", "users.acl", "web-url", "worker-url"]
+    assert sorted(data) == ["functions.lua", "health-password", "keda-password", "keda-username", "users.acl",
+                            "web-url", "worker-url"]
+    assert data["functions.lua"] == LIBRARY and LIBRARY.startswith(f"#!lua name={FUNCTION_LIBRARY}\n")
     host = "demo-redis.ml.svc.cluster.local:6379/0"
     assert data["web-url"] == f"redis://web:{AUTH.web}@{host}"
     assert data["worker-url"] == f"redis://worker:{AUTH.worker}@{host}"
@@ -74,7 +78,8 @@ def test_redis_runs_the_acl_with_protected_mode_and_a_patched_image() -> None:
     assert {"name": "acl", "mountPath": "/etc/redis-acl", "readOnly": True} in c["volumeMounts"]
     (acl,) = [v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "acl"]
     assert acl["secret"]["secretName"] == "demo-redis-auth" and acl["secret"]["defaultMode"] == 0o440
-    assert acl["secret"]["items"] == [{"key": "users.acl", "path": "users.acl"}]
+    assert acl["secret"]["items"] == [{"key": "users.acl", "path": "users.acl"},
+                                      {"key": "functions.lua", "path": "functions.lua"}]
     image, tag = c["image"].split(":")
     major, minor, patch = (int(x) for x in tag.split("-")[0].split("."))
     # The October 2025 fixes (CVE-2025-49844, -46817, -46818, -46819): 7.2.11, 7.4.6, 8.0.4, 8.2.2.
@@ -186,3 +191,19 @@ def test_image_allowlist() -> None:
 def test_keda_namespace_setting_is_checked() -> None:
     with pytest.raises(SettingsError):
         OperatorSettings.from_env({"INFERSTACK_KEDA_NAMESPACE": "Not_A_Namespace"})
+
+
+def test_redis_liveness_pings_as_the_health_user_and_its_start_hook_loads_the_functions() -> None:
+    c = container(build({})["StatefulSet/demo-redis"])
+    live = c["livenessProbe"]
+    assert "tcpSocket" not in live  # a TCP check passes while Redis answers BUSY to everything
+    script = live["exec"]["command"][2]
+    assert "timeout 3 redis-cli --user health -p 6379 ping" in script and "PONG|LOADING*" in script
+    assert live["timeoutSeconds"] > 3 and live["periodSeconds"] * live["failureThreshold"] <= 20
+    hook = c["lifecycle"]["postStart"]["exec"]["command"][2]
+    assert "--user health" in hook and "FUNCTION LOAD REPLACE < /etc/redis-acl/functions.lua" in hook
+    assert f"grep -qx {FUNCTION_LIBRARY}" in hook
+    # The health user may PING and load the library, nothing else.
+    acl = base64.b64decode(build({})["Secret/demo-redis-auth"]["data"]["users.acl"]).decode()
+    (health,) = [line for line in acl.splitlines() if line.startswith("user health ")]
+    assert health.endswith("-@all +ping +function|load")

@@ -13,8 +13,9 @@ import dataclasses
 import os
 import socket
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -25,12 +26,16 @@ import redis
 import requests
 
 from inferstack.config import Settings
+from inferstack.contract.acl import HEALTH, rules
+from inferstack.contract.http import REDIS_PORT
+from inferstack.contract.queue import FN_HEARTBEAT, FN_TRIM_ANSWERED, FUNCTION_LIBRARY
 from inferstack.protocol import HEARTBEAT_TTL_S, Keys, Poison, Request, WebQueue, WorkerQueue
 from inferstack_operator import builders, spec
+from inferstack_operator.builders import ACL_DIR
 from inferstack_operator.config import OperatorSettings
-from inferstack_operator.credentials import RedisAuth
+from inferstack_operator.credentials import FUNCTIONS_KEY, RedisAuth
 from inferstack_operator.names import QUEUE_PREFIX
-from tests.helpers import DIGIT_SIZE, digits_env, png_bytes, stack_log
+from tests.helpers import DIGIT_SIZE, digits_env, png_bytes, stack_log, wait_for
 from tools.devstack import LocalStack, free_port
 
 
@@ -257,3 +262,146 @@ def test_worker_user_does_its_whole_job(quiet_redis: Secured) -> None:
     assert web.wait(third)["ok"] is False
     worker.leave()
     assert web.live_workers() == []
+
+
+def test_web_user_can_neither_create_keys_nor_run_scripts(secured: Secured) -> None:
+    """Only the named functions enqueue: no Lua of its own, no key but the request stream."""
+    web = secured.client("web-url")
+    keys = Keys(QUEUE_PREFIX)
+    reply = keys.reply("not-yet-queued")
+    for command in (("EVAL", "while true do end", "0"), ("EVALSHA", "0" * 40, "0"), ("SCRIPT", "LOAD", "return 1"),
+                    ("FUNCTION", "LOAD", "#!lua name=x\nredis.register_function('x', function() return 1 end)"),
+                    ("FUNCTION", "FLUSH"), ("FUNCTION", "DELETE", FUNCTION_LIBRARY), ("FUNCTION", "KILL"),
+                    # A reply key made into a stream before its request is queued used to wedge the workers.
+                    ("XADD", reply, "*", "k", "v"), ("XGROUP", "CREATE", reply, "g", "0", "MKSTREAM"),
+                    ("XADD", f"{QUEUE_PREFIX}:other", "*", "k", "v"), ("SET", reply, "x"), ("LPUSH", reply, "x"),
+                    # The workers' functions call commands the web user lacks.
+                    ("FCALL", FN_HEARTBEAT, "2", keys.workers, keys.model, "fake-worker", "60", "")):
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            web.execute_command(*command)
+    with pytest.raises(redis.ResponseError, match="can't run this command"):
+        web.execute_command("FCALL", FN_TRIM_ANSWERED, "1", keys.stream, "workers")
+    worker = secured.client("worker-url")
+    assert worker.xlen(reply) == 0 and worker.xlen(f"{QUEUE_PREFIX}:other") == 0  # nothing was created
+
+
+def test_a_poisoned_reply_key_is_dead_lettered_not_retried(tmp_path: Path) -> None:
+    """Someone made a request's reply key a stream (no data-plane user may now; a plain Redis here):
+    the answer cannot be written, and the worker neither retries it forever nor loses the others."""
+    stack = LocalStack(log_dir=str(tmp_path))
+    stack.start_redis()
+    try:
+        url = stack.env["INFERSTACK_REDIS_URL"]
+        web = WebQueue(url, QUEUE_PREFIX, max_queue=100, timeout_s=30)
+        worker = WorkerQueue(url, QUEUE_PREFIX, "poisoned", block_ms=100)
+        worker.ensure_group()
+        keys, rogue = Keys(QUEUE_PREFIX), redis.Redis.from_url(url)
+        pixels = np.zeros((4, 4, 3), np.uint8)
+        victim, bystander = web.submit(pixels, top_k=1), web.submit(pixels, top_k=1)
+        rogue.xadd(keys.reply(victim), {"k": "v"})
+        batch = worker.take_batch(8, 0)
+        assert {r.request_id for r in batch} == {victim, bystander}
+        worker.complete([(r, {"ok": True, "predictions": [], "model": "m"}) for r in batch], worker.now_ms())
+        assert web.wait(bystander, 5)["ok"] is True
+        assert rogue.xpending(keys.stream, "workers")["pending"] == 0 and web.depth() == 0
+        (record,) = [fields for _id, fields in rogue.xrange(keys.dead)]
+        assert record[b"id"].decode() == victim and b"reply key" in record[b"reason"]
+        assert rogue.type(keys.reply(victim)) == b"stream"  # left as found, for whoever investigates
+    finally:
+        stack.stop_redis()
+
+
+def _pod_script(secured: Secured, script: str, folder: Path) -> list[str]:
+    """A Redis container's probe or hook script, pointed at the local server and files."""
+    local = script.replace(f"-p {REDIS_PORT}", f"-p {secured.stack.redis_port}").replace(ACL_DIR, str(folder))
+    return ["sh", "-c", local]
+
+
+def _health_env(secured: Secured) -> dict[str, str]:
+    return {**os.environ, "REDISCLI_AUTH": secured.secret["health-password"]}
+
+
+def test_start_hook_loads_the_functions_before_any_worker(busy_redis: Secured) -> None:
+    hook = busy_redis.redis_container["lifecycle"]["postStart"]["exec"]["command"]
+    folder = Path(busy_redis.stack.log_dir)
+    (folder / FUNCTIONS_KEY).write_text(busy_redis.secret[FUNCTIONS_KEY])
+    web = WebQueue(busy_redis.url("web-url"), QUEUE_PREFIX, max_queue=100, timeout_s=30)
+    with pytest.raises(redis.ResponseError, match="(?i)function not found"):
+        web.submit(np.zeros((4, 4, 3), np.uint8), top_k=1)
+    assert subprocess.run(_pod_script(busy_redis, hook[2], folder), env=_health_env(busy_redis),
+                          timeout=30).returncode == 0
+    web.ensure_group()
+    assert web.submit(np.zeros((4, 4, 3), np.uint8), top_k=1) and web.depth() == 1
+
+
+SPIN = "#!lua name=spin\nredis.register_function('spin', function() while true do end end)"
+
+
+def _liveness_fails_once_busy(secured: Secured, spin: Callable[[], object]) -> float:
+    """Start ``spin`` (a script that never returns) and return how long until the liveness probe fails."""
+    probe = secured.redis_container["livenessProbe"]
+    command = _pod_script(secured, probe["exec"]["command"][2], Path(secured.stack.log_dir))
+
+    def alive() -> bool:
+        return subprocess.run(command, env=_health_env(secured), capture_output=True,
+                              timeout=probe["timeoutSeconds"] + 5).returncode == 0
+
+    def run() -> None:
+        try:
+            spin()
+        except redis.RedisError:
+            pass  # Redis was killed under it
+
+    assert alive()
+    threading.Thread(target=run, daemon=True).start()
+    started = time.monotonic()
+    wait_for(lambda: not alive(), timeout=60, interval=0.2, what="the liveness probe to fail on a BUSY Redis")
+    return time.monotonic() - started
+
+
+def test_liveness_probe_fails_while_a_function_runs_forever(busy_redis: Secured) -> None:
+    worker = busy_redis.client("worker-url")
+    worker.function_load(SPIN, replace=True)
+    spinner = redis.Redis.from_url(busy_redis.url("worker-url"), socket_timeout=120)
+    detected = _liveness_fails_once_busy(busy_redis, lambda: spinner.fcall("spin", 0))
+    probe = busy_redis.redis_container["livenessProbe"]
+    restart = detected + probe["periodSeconds"] * probe["failureThreshold"]
+    print(f"BUSY seen by the liveness probe {detected:.1f} s after the function started; restart within ~{restart:.0f} s")
+
+
+def test_liveness_probe_fails_while_eval_runs_forever(tmp_path: Path) -> None:
+    """EVAL by anyone who may (no data-plane user may; a plain Redis here): same probe, same verdict."""
+    auth = RedisAuth.generate()
+    manifests = built(auth)
+    (container,) = manifests["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    stack = LocalStack(log_dir=str(tmp_path))
+    stack.start_redis()
+    try:
+        admin = redis.Redis(port=stack.redis_port, socket_timeout=120)
+        admin.execute_command("ACL", "SETUSER", "health", "on", f">{auth.health}", *rules(HEALTH, QUEUE_PREFIX).split())
+        plain = Secured(stack, secret_text(manifests), container, auth)
+        detected = _liveness_fails_once_busy(plain, lambda: admin.eval("while true do end", 0))
+        print(f"EVAL loop: BUSY seen by the liveness probe after {detected:.1f} s")
+    finally:
+        stack.redis.kill()  # what the kubelet does once the probe has failed (SCRIPT KILL would need admin)
+        stack.redis.wait(10)
+        stack.redis = None
+
+
+@pytest.fixture()
+def busy_redis(tmp_path: Path) -> Iterator[Secured]:
+    """The real configuration, fresh for a test that leaves it stuck in a script."""
+    auth = RedisAuth.generate()
+    manifests = built(auth)
+    secret = secret_text(manifests)
+    (redis_container,) = manifests["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    (tmp_path / "users.acl").write_text(secret["users.acl"])
+    (tmp_path / "data").mkdir()
+    stack = LocalStack(log_dir=str(tmp_path), redis_args=local_args(redis_container, tmp_path / "users.acl",
+                                                                    tmp_path / "data"))
+    stack.start_redis()
+    yield Secured(stack, secret, redis_container, auth)
+    assert stack.redis is not None
+    stack.redis.kill()  # a Redis stuck in a script ignores SIGTERM's save; the kubelet kills it too
+    stack.redis.wait(10)
+    stack.redis = None

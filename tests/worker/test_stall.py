@@ -62,3 +62,25 @@ def test_hung_model_call_gives_its_batch_to_another_worker_and_exits(make_stack,
     assert [a.status_code for a in answers] == [200] * 3, stack_log(stack)
     assert "stalled" in stack_log(stack) and "reclaimed" in stack_log(stack)
     pool.shutdown(wait=False, cancel_futures=True)
+
+
+def test_a_reply_redis_refuses_for_good_trips_the_watchdog_instead_of_retrying_forever(make_stack, digits_model):
+    """Retrying a delivery counts as progress only while Redis is away or busy: a refusal that will
+    never change (here NOPERM on RPUSH) ends the worker, and another one answers the request."""
+    # A bound above the delivery retries' longest backoff (5 s, +20% jitter): only a loop that stops
+    # counting its retries as progress can trip it.
+    env = digits_env(digits_model, INFERSTACK_STALL_TIMEOUT_S="10", INFERSTACK_REQUEST_TIMEOUT_S="600",
+                     INFERSTACK_WEB_PROCESSES="1")
+    stack = make_stack(workers=0, env=env, wait=False)
+    r = redis.Redis.from_url(stack.env["INFERSTACK_REDIS_URL"])
+    stack.wait_ready(timeout_s=60, workers=0)
+    first = stack.start_worker()
+    stack.wait_ready(timeout_s=300, workers=1)
+    r.execute_command("ACL", "SETUSER", "default", "-rpush")  # every reply refused, for good
+    pool = ThreadPoolExecutor(1)
+    answer = pool.submit(post, stack, png_bytes(digits_model["x_test"][0]), timeout=660)
+    assert first.wait(120) == EXIT_STALLED, stack_log(stack)
+    r.execute_command("ACL", "SETUSER", "default", "+rpush")
+    stack.start_worker()
+    assert answer.result().status_code == 200, stack_log(stack)
+    pool.shutdown()

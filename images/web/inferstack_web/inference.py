@@ -108,7 +108,7 @@ class Inference:
         by then: a request waits for its replies holding only these ids."""
         with body, self.decode_slot():
             pixels = self.decode(parse(body))
-            return [self._submit(p, top_k, probabilities) for p in pixels]
+            return self._submit(pixels, top_k, probabilities)
 
     def replies(self, ids: Sequence[str], started: float) -> list[Result]:
         """The replies to the queued ids, in order, within the request timeout counted from ``started``."""
@@ -135,9 +135,10 @@ class Inference:
         metrics.DECODE.observe(time.perf_counter() - t0)
         return pixels
 
-    def _submit(self, pixels: np.ndarray, top_k: int, probabilities: bool) -> str:
+    def _submit(self, pixels: list[np.ndarray], top_k: int, probabilities: bool) -> list[str]:
         try:
-            return self.queue.submit(pixels, top_k, probabilities)
+            # All of the request's images in one call, or none (a refused request leaves nothing queued).
+            return self.queue.submit_many(pixels, top_k, probabilities)
         except QueueFull:
             raise Unavailable("The server is at capacity (request queue full); retry shortly.", 1) from None
         except RedisFull:

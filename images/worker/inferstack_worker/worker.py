@@ -17,7 +17,7 @@ import redis
 from inferstack.config import Settings
 from inferstack.contract.messages import Reply
 from inferstack.contract.queue import MAX_DELIVERIES
-from inferstack.protocol import Poison, Request, WorkerQueue, encode_probabilities
+from inferstack.protocol import Poison, Request, WorkerQueue, encode_probabilities, is_transient
 
 from .metrics import WorkerMetrics
 from .classifier import Classifier
@@ -216,7 +216,10 @@ class Worker:
                     self.queue.reset_after_disconnect()
                 delay = backoff.next()
                 log.warning("delivering answers failed (%s: %.300s); retrying in %.1f s", type(exc).__name__, exc, delay)
-                self._mark_progress()  # waiting on Redis is not a hung model
+                if is_transient(exc):
+                    # Waiting for Redis to come back is not a hung worker; any other refusal would
+                    # repeat forever, so the stall watchdog gets to end it (another worker reclaims).
+                    self._mark_progress()
                 self.stopping.wait(delay)
 
     def _infer(self, reqs: list[Request]) -> list[tuple[Request, Reply | None]]:
