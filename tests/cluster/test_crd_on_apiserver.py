@@ -60,7 +60,7 @@ def test_api_server_rejects_bad_specs_with_the_schemas_words(
 def test_defaults_are_applied_by_the_api_server_as_the_operator_assumes(control_plane: Kube, namespace: str) -> None:
     created = control_plane.create(isvc("defaults", {}), namespace)
     spec = created["spec"]
-    assert spec["model"] == {"name": "ResNet50", "weights": "imagenet", "topK": 5}
+    assert spec["model"] == {"name": "ResNet50", "weights": "imagenet", "topK": 5, "autoInt8": False}
     assert spec["web"]["replicas"] == 2 and spec["worker"]["replicas"] == 1 and spec["worker"]["gpu"] == 1
     assert spec["worker"]["batchSize"] == 32 and spec["worker"]["maxBatchDelayMs"] == 5
     assert spec["redis"]["maxQueue"] == 1000 and "storage" not in spec["redis"]
