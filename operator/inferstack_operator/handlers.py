@@ -172,11 +172,17 @@ async def reconcile_stack(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger,
 # when `helm uninstall` removes the operator first.
 @kopf.timer(GROUP, VERSION, PLURAL, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds,
             labels={EPHEMERAL_LABEL: kopf.ABSENT})
-async def resync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+async def resync(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, stopped: Any = None, **_: Any) -> None:
     """Repair deleted or hand-edited children and refresh status, every resync interval."""
     if not (body.get("status") or {}).get("conditions"):
         return  # never reconciled yet: the create/resume handler is on it (or retrying)
-    await _reconcile(body, memo, logger, from_timer=True)
+    try:
+        await _reconcile(body, memo, logger, from_timer=True)
+    except Exception:
+        if stopped:  # the operator is stopping and may have closed its API client under this pass
+            logger.debug("resync cut short by the operator stopping")
+            return
+        raise
 
 
 def _owner(body: kopf.Body) -> Mapping[str, Any] | None:
