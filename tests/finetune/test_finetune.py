@@ -133,7 +133,7 @@ def chosen_head_accuracy(features: Callable[[np.ndarray], np.ndarray], pixels: d
                          metrics: dict, x: np.ndarray, y: np.ndarray) -> float:
     """The head the search chose (its settings and seed, early stopping on the same validation
     images), trained by the search's own code on `features` of the pixels instead of the base's."""
-    from inferstack_offline.finetune.model import build_head
+    from inferstack_offline.finetune.model import head_for
     from inferstack_offline.finetune.search import TRIAL_ENV, train_trial
 
     search = metrics["search"]
@@ -145,8 +145,7 @@ def chosen_head_accuracy(features: Callable[[np.ndarray], np.ndarray], pixels: d
         for name, value in TRIAL_ENV.items():
             mp.setenv(name, os.environ.get(name, value))
         weights = train_trial(trial, data)["weights"]
-    s = best["settings"]
-    head = build_head(data["x"].shape[1], len(NEW), s["units"], s["dropout"], s["l2"])
+    head = head_for(data, best["settings"])
     head.set_weights(weights)
     return float(np.mean(np.asarray(head(features(x), training=False)).argmax(axis=1) == y))
 

@@ -171,3 +171,39 @@ def test_the_kubernetes_job_example_is_valid_and_its_command_parses():
     args = parser.parse_args(command[2:])
     assert (args.out, args.fine_tune_layers) == ("/models/flowers", 10)
     parse_search(args.search)
+
+
+def test_the_head_standardises_features_whatever_their_scale(tmp_path):
+    """A base's features can sit far from zero at any scale: the class signal here is a +-1 shift on
+    a feature near 10,000 (and one feature never varies in training). The head centres and scales
+    them with the training statistics, so an ordinary learning rate finds the signal, and the
+    statistics travel inside the saved head."""
+    import keras
+
+    from inferstack_offline.finetune.search import train_trial
+
+    rng = np.random.default_rng(0)
+
+    def features(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, 2, n)
+        x = np.stack([10_000 + (2 * y - 1) + rng.normal(0, 0.3, n), np.full(n, 5.0)], axis=1)
+        return x.astype(np.float32), y
+
+    (x, y), (xv, yv) = features(64), features(64)
+    data = {"x": x, "y": y, "xv": xv, "yv": yv, "classes": np.array(2)}
+    settings = {"lr": 1e-2, "dropout": 0.0, "units": 0, "l2": 0.0, "epochs": 40, "batch": 16, "patience": 40}
+    trial = train_trial({"index": 0, "seed": 0, "settings": settings}, data)
+    assert trial["val_top1"] == 1.0
+
+    from inferstack_offline.finetune.model import head_for
+
+    head = head_for(data, settings)
+    head.set_weights(trial["weights"])
+    path = tmp_path / "head.keras"
+    head.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    moved = xv.copy()
+    moved[:, 1] = 50.0  # the feature that never varied in training now does: no overflow
+    probs = np.asarray(loaded(moved))
+    assert np.isfinite(probs).all()
+    assert np.array_equal(probs.argmax(axis=1), np.asarray(head(xv)).argmax(axis=1))

@@ -26,6 +26,8 @@ DEFAULT_SIZES = {
     "EfficientNetV2B2": 260, "EfficientNetV2B3": 300, "EfficientNetV2S": 384, "EfficientNetV2M": 480,
     "EfficientNetV2L": 480,
 }
+# The variance given to a feature that is constant in training: (x - mean) / 1e15 is nothing.
+IGNORED_VARIANCE = 1e30
 # Layers between a classifier's last Dense and its output.
 _AFTER_CLASSIFIER = ("Activation", "Softmax", "Dropout")
 
@@ -175,16 +177,43 @@ def load_backbone(base: str, weights: str, seed: int, feature_layer: str | None 
     return backbone
 
 
-def build_head(dim: int, classes: int, units: int, dropout: float, l2: float) -> Any:
-    """The new classifier: [dropout, dense relu] when units > 0, then dropout and a softmax layer."""
+def feature_scaling(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature mean and variance of the training features, for the head's first layer.
+
+    A base's pooled features come at arbitrary scales (ReLU averages, some near zero, some in the
+    hundreds); centring and scaling them is what lets one learning-rate grid fit every base. A
+    feature that never varies in training (a unit no training image fires) teaches the head
+    nothing and keeps its random weight, so it is scaled to nothing: it cannot swing an answer
+    on a later image where it does fire.
+    """
+    x = np.asarray(x, np.float64)
+    variance = x.var(axis=0)
+    constant = variance <= 1e-6 * float(variance.mean()) + 1e-30
+    variance[constant] = IGNORED_VARIANCE
+    return x.mean(axis=0).astype(np.float32), variance.astype(np.float32)
+
+
+def build_head(dim: int, classes: int, units: int, dropout: float, l2: float,
+               scaling: tuple[np.ndarray, np.ndarray] | None = None) -> Any:
+    """The new classifier: [standardise,] [dropout, dense relu] when units > 0, then dropout and a
+    softmax layer. `scaling` (see feature_scaling) is stored in the layer's config, not trained."""
     import keras
 
     reg = keras.regularizers.L2(l2) if l2 > 0 else None
     layers: list[Any] = [keras.Input((dim,), name="features")]
+    if scaling is not None:
+        mean, variance = scaling
+        layers.append(keras.layers.Normalization(mean=mean, variance=variance, name="standardise"))
     if units > 0:
         layers += [keras.layers.Dropout(dropout), keras.layers.Dense(units, activation="relu", kernel_regularizer=reg)]
     layers += [keras.layers.Dropout(dropout), keras.layers.Dense(classes, activation="softmax", kernel_regularizer=reg)]
     return keras.Sequential(layers, name="head")
+
+
+def head_for(data: dict[str, np.ndarray], settings: dict[str, Any]) -> Any:
+    """The head a trial's settings describe, standardising with the training features' statistics."""
+    return build_head(data["x"].shape[1], int(data["classes"]), settings["units"], settings["dropout"],
+                      settings["l2"], feature_scaling(data["x"]))
 
 
 def assemble(backbone: Backbone, head: Any) -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 
 from .dataset import Example, Skipped, check_classes, list_items, scan, split
 from .features import FeatureStats, compute_features, extract_batch
-from .model import Backbone, assemble, build_head, load_backbone
+from .model import Backbone, assemble, head_for, load_backbone
 from .report import (confusion_matrix, per_class_accuracy, plot_confusion, plot_search, write_calibration,
                      write_json)
 from .search import (DEFAULT_SEARCH, SearchResult, make_trials, parse_search, run_search, spark_context,
@@ -112,9 +112,8 @@ def _search_stage(opts: Options, trials: list[dict[str, Any]], data: dict[str, n
     return result
 
 
-def _best_model(backbone: Backbone, classes: int, best: dict[str, Any]) -> Any:
-    s = best["settings"]
-    head = build_head(backbone.dim, classes, s["units"], s["dropout"], s["l2"])
+def _best_model(backbone: Backbone, data: dict[str, np.ndarray], best: dict[str, Any]) -> Any:
+    head = head_for(data, best["settings"])
     head.set_weights(best["weights"])
     return assemble(backbone, head)
 
@@ -137,7 +136,7 @@ def finetune(opts: Options) -> dict[str, Any]:
          f"{len(trials)} trial(s) on {opts.master}")
     result = _search_stage(opts, trials, data, stages)
     best = result.best
-    model = _best_model(backbone, len(labels), best)
+    model = _best_model(backbone, data, best)
 
     tuned = None
     if opts.fine_tune_layers > 0:

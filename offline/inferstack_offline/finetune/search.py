@@ -80,12 +80,12 @@ def train_trial(trial: dict[str, Any], data: dict[str, np.ndarray]) -> dict[str,
         os.environ.setdefault(name, value)
     import keras
 
-    from .model import build_head
+    from .model import head_for
 
     start = time.time()
     s = trial["settings"]
     keras.utils.set_random_seed(trial["seed"])
-    head = build_head(data["x"].shape[1], int(data["classes"]), s["units"], s["dropout"], s["l2"])
+    head = head_for(data, s)
     head.compile(optimizer=keras.optimizers.Adam(s["lr"]), loss="sparse_categorical_crossentropy")
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=s["patience"], restore_best_weights=True)
     history = head.fit(data["x"], data["y"], validation_data=(data["xv"], data["yv"]), epochs=s["epochs"],
