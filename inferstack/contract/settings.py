@@ -181,6 +181,11 @@ SETTINGS: tuple[Setting, ...] = (
     _s("INFERSTACK_WEB_SPOOL_BODIES", "web_spool_bodies", "int", 16,
        "full-size request bodies one web process holds under `/tmp` while receiving them (503 beyond)",
        lo=1, hi=4096),
+    # 0: the runtime's own default (every core it sees). `inferstack batch` sets spark.task.cpus.
+    _s("INFERSTACK_INFERENCE_THREADS", "inference_threads", "int", 0,
+       "threads one model runs on (OpenVINO `INFERENCE_NUM_THREADS`, TensorFlow intra/inter-op); "
+       "`inferstack batch`: `spark.task.cpus` when unset", lo=0, hi=1024,
+       shown="`0` (the runtime's default: every core it sees)"),
 )
 
 BY_FIELD: dict[str, Setting] = {s.field: s for s in SETTINGS}
@@ -239,6 +244,7 @@ class Settings:
     stall_timeout_s: float = default("stall_timeout_s")
     body_timeout_s: float = default("body_timeout_s")
     web_spool_bodies: int = default("web_spool_bodies")
+    inference_threads: int = default("inference_threads")
 
     def __post_init__(self) -> None:
         if not self.model_name:

@@ -136,16 +136,21 @@ def run(
     settings: Settings | None = None,
     decode_threads: int | None = None,
     spark: Any = None,
+    conf: dict[str, str] | None = None,
 ) -> Summary:
-    """Classify every image of INPUT into OUT, skipping rows already there."""
-    from .spark import session
+    """Classify every image of INPUT into OUT, skipping rows already there.
+
+    conf: Spark settings for the session this starts (not for a given `spark`). Each task's model
+    and decoders run on spark.task.cpus threads unless INFERSTACK_INFERENCE_THREADS is set."""
+    from .spark import session, with_task_threads
 
     settings = settings or Settings.from_env()
     batch_size = batch_size or settings.batch_size
     output = Output(Path(out))
     output.prepare()
     done = output.done_keys()
-    spark = spark or session(master, batch_size)
+    spark = spark or session(master, batch_size, conf=conf)
+    settings = with_task_threads(settings, spark)
     rows, skipped = (_table_rows if is_table(spec) else _file_rows)(spark, spec, done, partitions, batch_size)
     job = part_job(str(output.parts), uuid.uuid4().hex[:8], settings, batch_size, top_k, decode_threads)
     summary = Summary(skipped=skipped)
@@ -166,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per model call (default: $INFERSTACK_BATCH_SIZE or 32)")
     p.add_argument("--partitions", type=int, help=f"Spark partitions (default: {BATCHES_PER_PARTITION} batches each)")
     p.add_argument("--top-k", type=int, default=5, help="predictions per image (1..1000, default 5)")
-    p.add_argument("--decode-threads", type=int, help="decoding threads per Python worker (default: up to 4)")
+    p.add_argument("--decode-threads", type=int,
+                   help="decoding threads per Python worker (default: spark.task.cpus, or INFERSTACK_INFERENCE_THREADS)")
+    p.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
+                   help="a Spark setting, e.g. spark.task.cpus=2 (cores, hence model threads, per task); repeatable")
     return p
 
 
@@ -178,12 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("batch_size", "partitions", "decode_threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if any("=" not in item for item in args.conf):
+        parser.error("--conf takes KEY=VALUE")
+    conf = dict(item.split("=", 1) for item in args.conf)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     t0 = time.monotonic()
     try:
         # No --master: spark-submit's (k8s://... in a SparkApplication), else PySpark's local[*].
         summary = run(args.input, args.out, args.master, args.batch_size, args.partitions,
-                      args.top_k, decode_threads=args.decode_threads)
+                      args.top_k, decode_threads=args.decode_threads, conf=conf)
     except (ConfigError, InputError) as exc:
         sys.exit(f"inferstack batch: {exc}")
     except KeyboardInterrupt:

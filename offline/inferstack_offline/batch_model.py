@@ -60,8 +60,10 @@ class BatchModel:
         self.features = features
         self.classifier = load_classifier(settings, features=features)
         self.size = self.classifier.input_shape[:2]
-        threads = decode_threads or min(4, os.cpu_count() or 1)
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode")
+        # As many decoders as the model has threads (inferstack batch: spark.task.cpus): a task stays
+        # on the cores Spark gave it. Unset: up to 4.
+        self.decode_threads = decode_threads or settings.inference_threads or min(4, os.cpu_count() or 1)
+        self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
 
     def decode(self, item: Item) -> np.ndarray:
         """The web tier's checks and decoding for one row: uint8 pixels at the model's size."""
@@ -135,7 +137,17 @@ def shared_model(settings: Settings, features: bool = False, decode_threads: int
         t0 = time.monotonic()
         model = BatchModel(settings, features=features, decode_threads=decode_threads)
         clf = model.classifier
+        decoders = _plural(model.decode_threads, "decode thread")
         print(f"inferstack batch: Python worker {os.getpid()} loaded {clf.name}{' features' if features else ''} "
-              f"({clf.runtime}, {clf.precision}) in {time.monotonic() - t0:.1f} s", file=sys.stderr, flush=True)
+              f"({clf.runtime}, {clf.precision}, {_threads(clf.threads)}, {decoders}) in {time.monotonic() - t0:.1f} s",
+              file=sys.stderr, flush=True)
         _MODELS[key] = model
     return _MODELS[key]
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'s' if n != 1 else ''}"
+
+
+def _threads(threads: int) -> str:
+    return _plural(threads, "inference thread") if threads else "the runtime's default threads"

@@ -17,6 +17,7 @@ encoded images a Python worker holds at once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Any, Callable
@@ -38,6 +39,23 @@ _CLASSIFY_RAW = StructType([StructField("predictions", PREDICTIONS), StructField
 _EMBED_RAW = StructType([StructField("embedding", EMBEDDING), StructField("error", StringType())])
 # Rows per Arrow batch handed to a Python worker: a few model batches' worth of encoded files.
 MODEL_BATCHES_PER_ARROW_BATCH = 2
+# Spark's statement of how many cores one task may use (default 1).
+TASK_CPUS = "spark.task.cpus"
+
+
+def with_task_threads(settings: Settings, spark: SparkSession | None = None) -> Settings:
+    """settings whose model runs on spark.task.cpus threads, unless INFERSTACK_INFERENCE_THREADS says.
+
+    Each task's Python worker holds its own model: on the runtime's default (every core) local[2]
+    would run two models on every core each, slower than one. `spark`: else the active session;
+    without one the runtime's default stays."""
+    if settings.inference_threads > 0:
+        return settings
+    spark = spark or SparkSession.getActiveSession()
+    if spark is None:
+        return settings
+    cpus = int(spark.sparkContext.getConf().get(TASK_CPUS, "1"))
+    return dataclasses.replace(settings, inference_threads=cpus)
 
 
 def _make_predict(settings: Settings, top_k: int, features: bool,
@@ -84,7 +102,7 @@ def classify_column(
     """
     if not 1 <= top_k <= 1000:
         raise ValueError(f"top_k must be between 1 and 1000, got {top_k}")
-    settings = settings or Settings.from_env()
+    settings = with_task_threads(settings or Settings.from_env())
     raw = predict_batch_udf(_make_predict(settings, top_k, False, decode_threads), return_type=_CLASSIFY_RAW,
                             batch_size=batch_size or settings.batch_size)
     return _column_fn(raw, "predictions")
@@ -100,7 +118,7 @@ def embedding_column(
     The embedding is the model's pooled features, the input of its classifier head (for ResNet50
     the 2048 averaged channels), computed on the same runtime and precision as the served model.
     """
-    settings = settings or Settings.from_env()
+    settings = with_task_threads(settings or Settings.from_env())
     raw = predict_batch_udf(_make_predict(settings, 1, True, decode_threads), return_type=_EMBED_RAW,
                             batch_size=batch_size or settings.batch_size)
     return _column_fn(raw, "embedding")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,6 +171,25 @@ def test_cli_killed_half_way_then_resumed_writes_each_row_once(env, folder, tmp_
     done_first = 200 - int(second.stderr.split(" rows written")[0].rsplit(" ", 1)[-1])
     assert done_first > 0 and f"{done_first} already in" in second.stderr
     assert "part-" in second.stderr  # a line per finished partition
+    # Each task's model runs on spark.task.cpus threads (default 1), not on every core.
+    assert re.search(r"Python worker \d+ loaded digits\.keras \(openvino, fp32, 1 inference thread, 1 decode thread\)",
+                     second.stderr)
+
+
+def test_a_task_given_two_cores_runs_its_model_and_decoders_on_two_threads(env, folder, tmp_path):
+    files = [p for p in image_files(folder) if "shard0" in p][:6]
+    listing = tmp_path / "few"
+    listing.mkdir()
+    for p in files:
+        (listing / Path(p).name).write_bytes(Path(p).read_bytes())
+    out = tmp_path / "out.jsonl"
+    argv = [CLI, "batch", str(listing), "--out", str(out), "--master", "local[2]", "--conf", "spark.task.cpus=2",
+            "--conf", "spark.ui.enabled=false"]
+    done = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = r"loaded digits\.keras \(openvino, fp32, 2 inference threads, 2 decode threads\)"
+    assert re.search(line, done.stderr), done.stderr[-3000:]
+    assert len(read_out(out)) == 6
 
 
 def test_column_functions_inside_a_users_own_pipeline(spark, settings, folder, served, digits_model):

@@ -20,9 +20,10 @@ from tests.helpers import DIGIT_LABELS, digit_images, digits_env, png_bytes, sta
 from tools.devstack import LocalStack, free_port
 
 
-def auto_settings(model: dict, cache_dir: str, batch_size: int = 4) -> Settings:
+def auto_settings(model: dict, cache_dir: str, batch_size: int = 4, inference_threads: int = 0) -> Settings:
     return Settings(model=str(model["path"]), labels=str(model["labels"]), runtime="openvino", precision="auto",
-                    cache_dir=cache_dir, precision_trials=1, batch_size=batch_size)
+                    cache_dir=cache_dir, precision_trials=1, batch_size=batch_size,
+                    inference_threads=inference_threads)
 
 
 def test_fastest_is_the_best_batch_throughput_and_near_ties_go_to_batch_1_latency():
@@ -69,6 +70,9 @@ def test_auto_times_each_device_precision_and_a_restart_reuses_the_decision(digi
     load_classifier(settings)
     assert timings == []
     assert load_classifier(auto_settings(digits_model, str(tmp_path), batch_size=8)).choice["auto"]["measured"]
+    # So is another thread count: the timings depend on it.
+    capped = load_classifier(auto_settings(digits_model, str(tmp_path), inference_threads=1))
+    assert capped.choice["auto"]["measured"] and capped.threads == 1
 
 
 def test_auto_times_int8_too_when_a_calibration_folder_is_set(digits_model, tmp_path):

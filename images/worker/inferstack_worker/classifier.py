@@ -44,12 +44,15 @@ class Classifier:
         runtime: str = "keras",
         precision: str = "fp32",
         choice: dict[str, Any] | None = None,
+        threads: int = 0,
     ) -> None:
         self.name = name
         self.labels = labels
         self.input_shape = input_shape
         self.runtime = runtime
         self.precision = precision
+        # Threads the model runs on (INFERSTACK_INFERENCE_THREADS as the runtime applied it); 0: its default.
+        self.threads = threads
         self._call = call
         # Shape-specialising compilers (XLA, JAX) see only these batch sizes: no compile while serving.
         self._buckets = sorted(buckets) if buckets else None

@@ -2,11 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import numpy as np
 
+log = logging.getLogger("inferstack.worker")
+
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
+
+
+def limit_threads(threads: int) -> int:
+    """Run TensorFlow's ops on `threads` threads (intra- and inter-op; 0: its default, every core).
+
+    TensorFlow fixes its thread pools when its runtime starts (the first op): call this before.
+    Returns the intra-op threads in force (0: TensorFlow's default)."""
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        return 0
+    import tensorflow as tf
+
+    threading = tf.config.threading
+    if threads > 0 and threading.get_intra_op_parallelism_threads() != threads:
+        try:
+            threading.set_intra_op_parallelism_threads(threads)
+            threading.set_inter_op_parallelism_threads(threads)
+        except RuntimeError:  # already started in this process (another model loaded first)
+            log.warning("TensorFlow already runs on %d thread(s) in this process; "
+                        "INFERSTACK_INFERENCE_THREADS=%d applies from the next start",
+                        threading.get_intra_op_parallelism_threads(), threads)
+    return int(threading.get_intra_op_parallelism_threads())
 
 
 def with_precision(model: Any, precision: str) -> Any:

@@ -117,7 +117,7 @@ class LiveInt8:
 
     def __init__(self, float_model: Any, float_precision: str, reservoir: Reservoir, status: dict[str, Any],
                  switch: Callable[[Any], None], *, cache_dir: str | None, key: str | None,
-                 min_top1: float, min_top5: float, batch_size: int, trials: int) -> None:
+                 min_top1: float, min_top5: float, batch_size: int, trials: int, threads: int = 0) -> None:
         self.float_model = float_model
         self.float_precision = float_precision
         self.reservoir = reservoir
@@ -125,7 +125,7 @@ class LiveInt8:
         self.switch = switch
         self.cache_dir, self.key = cache_dir, key
         self.min_top1, self.min_top5 = min_top1, min_top5
-        self.timing = (batch_size, trials)
+        self.timing = (batch_size, trials, threads)
         self.status.update(state=COLLECTING, samples=reservoir.size)
 
     def start(self) -> threading.Thread:
@@ -188,9 +188,10 @@ def _shown(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_child(work: Path, float_precision: str, min_top1: float, min_top5: float, batch_size: int,
-              trials: int) -> None:
+              trials: int, threads: int = 0) -> None:
+    """threads: INFERSTACK_INFERENCE_THREADS, so both sides of the race run on what serving gets."""
     cmd = [sys.executable, "-m", "inferstack_worker.quantize_live", str(work), float_precision,
-           str(min_top1), str(min_top5), str(batch_size), str(trials)]
+           str(min_top1), str(min_top5), str(batch_size), str(trials), str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=QUANTIZE_TIMEOUT_S)
     if proc.returncode != 0:
         raise RuntimeError(f"the quantizing process exited {proc.returncode}: {proc.stderr[-1500:]}")

@@ -62,6 +62,7 @@ def feature_model(model: Any) -> Any:
 def _keras_classifier(settings: Settings, plan: Plan, features: bool = False) -> Classifier:
     from . import keras_runtime
 
+    threads = keras_runtime.limit_threads(settings.inference_threads)  # before the model's first op
     model, preprocess = load_keras_model(settings)
     name = model_name(settings.model)
     shape = input_shape_of(name, model.input_shape)
@@ -86,7 +87,7 @@ def _keras_classifier(settings: Settings, plan: Plan, features: bool = False) ->
         precision = plan.precision
         call, _ = compile_one(precision)
     return Classifier(name, labels, shape, call, buckets=bucket_sizes(settings.batch_size) if pads[0] else None,
-                      runtime="keras", precision=precision, choice=status)
+                      runtime="keras", precision=precision, choice=status, threads=threads)
 
 
 def _openvino_model(settings: Settings, precision: str, name: str, features: bool = False,
@@ -149,8 +150,9 @@ def _openvino_classifier(settings: Settings, plan: Plan, features: bool = False)
         return load_auto(settings, name, labels, model_for, _openvino_key(settings, "fp32", features))
     ov_model = _openvino_model(settings, plan.precision, name, features)
     labels = [] if features else labels_for(settings, name, ovr.classes_of(ov_model))
-    call, effective = ovr.compile_call(ov_model, plan.precision, settings.cache_dir)
-    return Classifier(name, labels, ovr.input_shape_of(ov_model), call, runtime="openvino", precision=effective)
+    call, effective = ovr.compile_call(ov_model, plan.precision, settings.cache_dir, settings.inference_threads)
+    return Classifier(name, labels, ovr.input_shape_of(ov_model), call, runtime="openvino", precision=effective,
+                      threads=call.threads)
 
 
 def load_classifier(settings: Settings, features: bool = False) -> Classifier:

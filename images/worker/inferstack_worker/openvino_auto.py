@@ -29,10 +29,12 @@ def load_auto(settings: Settings, name: str, labels: list[str], model_for: Model
     candidates = ovr.device_precisions() + (["int8"] if int8_model is not None else [])
 
     def compile_one(precision: str) -> tuple[pc.Call, str]:
-        return ovr.compile_call(int8_model if precision == "int8" else float_model, precision, settings.cache_dir)
+        return ovr.compile_call(int8_model if precision == "int8" else float_model, precision, settings.cache_dir,
+                                settings.inference_threads)
 
     parts = {"model": key, "calibration": bool(settings.calibration_dir), "cpu": ovr.device_name(),
-             "candidates": candidates, "batch_size": settings.batch_size}
+             "candidates": candidates, "batch_size": settings.batch_size,
+             "threads": settings.inference_threads}  # timings depend on the threads the model gets
     decision = pc.decision_key(parts) if key else None
     choice = pc.read_decision(settings.cache_dir, decision)
     if choice is None:
@@ -41,7 +43,8 @@ def load_auto(settings: Settings, name: str, labels: list[str], model_for: Model
     else:
         call, _ = compile_one(choice.chosen)
     runs = next(t.runs for t in choice.trials if t.precision == choice.chosen)
-    clf = Classifier(name, labels, shape, call, runtime="openvino", precision=runs, choice={"auto": choice.info()})
+    clf = Classifier(name, labels, shape, call, runtime="openvino", precision=runs, choice={"auto": choice.info()},
+                     threads=ovr.threads_of(call))
     if settings.auto_int8:
         _start_auto_int8(settings, clf, float_model, choice.chosen, key, live_body)
     return clf
@@ -53,11 +56,11 @@ def _serve_live_int8(settings: Settings, name: str, labels: list[str], shape: tu
     import openvino as ov
 
     log.info("auto int8: serving the int8 model a previous run switched to (%s): %s", xml, body["reason"])
-    call, _ = ovr.compile_call(ov.Core().read_model(xml), "int8", settings.cache_dir)
+    call, _ = ovr.compile_call(ov.Core().read_model(xml), "int8", settings.cache_dir, settings.inference_threads)
     auto = {"chosen": "int8", "measured": False, "trials": body.get("trials", [])}
     live = {"state": live_int8.SWITCHED, "from_cache": True, **{k: body[k] for k in ("top1", "top5", "reason")}}
     return Classifier(name, labels, shape, call, runtime="openvino", precision="int8",
-                      choice={"auto": auto, "auto_int8": live})
+                      choice={"auto": auto, "auto_int8": live}, threads=call.threads)
 
 
 def _start_auto_int8(settings: Settings, clf: Classifier, float_model: Any, chosen: str, key: str | None,
@@ -78,10 +81,11 @@ def _start_auto_int8(settings: Settings, clf: Classifier, float_model: Any, chos
     clf.reservoir = reservoir
 
     def switch(int8_model: Any) -> None:
-        call, _ = ovr.compile_call(int8_model, "int8", settings.cache_dir)
+        call, _ = ovr.compile_call(int8_model, "int8", settings.cache_dir, settings.inference_threads)
         call(np.zeros((settings.batch_size, *clf.input_shape), np.float32))  # allocate before serving
         clf.switch(call, "int8")
 
     live_int8.LiveInt8(float_model, chosen, reservoir, status, switch, cache_dir=settings.cache_dir, key=key,
                        min_top1=settings.auto_int8_top1, min_top5=settings.auto_int8_top5,
-                       batch_size=settings.batch_size, trials=settings.precision_trials).start()
+                       batch_size=settings.batch_size, trials=settings.precision_trials,
+                       threads=settings.inference_threads).start()

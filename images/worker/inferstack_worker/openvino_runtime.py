@@ -171,16 +171,43 @@ def classes_of(ov_model: Any) -> int:
     return int(np.prod([d.get_length() for d in list(shape)[1:]]))
 
 
-def compile_call(ov_model: Any, precision: str, cache_dir: str | None) -> tuple[Callable[[np.ndarray], Any], str]:
-    """(float32 batch -> probabilities, the precision the CPU actually runs)."""
+class InferCall:
+    """One infer request on a compiled model: float32 batch -> probabilities (a copy)."""
+
+    def __init__(self, compiled: Any) -> None:
+        self.compiled = compiled
+        self._request = compiled.create_infer_request()
+
+    @property
+    def threads(self) -> int:
+        """The threads the compiled model runs on (INFERENCE_NUM_THREADS as the CPU plugin resolved it)."""
+        return int(self.compiled.get_property("INFERENCE_NUM_THREADS"))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self._request.infer({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True)
+        return self._request.get_output_tensor(0).data.copy()
+
+
+def threads_of(call: Callable[[np.ndarray], Any]) -> int:
+    """The threads a compile_call call runs on; 0 for any other call."""
+    return call.threads if isinstance(call, InferCall) else 0
+
+
+def compile_call(ov_model: Any, precision: str, cache_dir: str | None, threads: int = 0) -> tuple[InferCall, str]:
+    """(float32 batch -> probabilities, the precision the CPU actually runs).
+
+    threads > 0 caps the model's threads (INFERSTACK_INFERENCE_THREADS); 0 leaves every core to it."""
     import openvino as ov
 
     core = ov.Core()
     if cache_dir:
         # Compiled blobs keyed by model and device: a restart skips the graph compilation.
         core.set_property({"CACHE_DIR": str(Path(cache_dir) / "openvino" / "compiled")})
-    # LATENCY: one stream using every core, so a single request per worker keeps the CPU busy.
+    # LATENCY: one stream using every core (or `threads` of them), so a single request per worker
+    # keeps the CPU busy without oversubscribing it.
     config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+    if threads > 0:
+        config["INFERENCE_NUM_THREADS"] = threads
     if precision in HINTS:
         config["INFERENCE_PRECISION_HINT"] = HINTS[precision]
     compiled = core.compile_model(ov_model, "CPU", config)
@@ -191,11 +218,4 @@ def compile_call(ov_model: Any, precision: str, cache_dir: str | None) -> tuple[
         log.warning("%s asked for, but this CPU (%s) runs OpenVINO in %s: it lacks %s", precision,
                     core.get_property("CPU", "FULL_DEVICE_NAME"), effective,
                     "AMX/AVX512-BF16" if precision == "bf16" else "AVX512-FP16/AMX-FP16")
-    request = compiled.create_infer_request()
-
-    def call(x: np.ndarray) -> np.ndarray:
-        request.infer({0: np.ascontiguousarray(x, dtype=np.float32)}, share_inputs=True)
-        return request.get_output_tensor(0).data.copy()
-
-    return call, effective
-
+    return InferCall(compiled), effective

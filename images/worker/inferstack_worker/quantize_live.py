@@ -1,5 +1,5 @@
 """The auto-int8 child: `python -m inferstack_worker.quantize_live WORK FLOAT_PRECISION MIN_TOP1 MIN_TOP5
-BATCH_SIZE TRIALS`.
+BATCH_SIZE TRIALS [THREADS]`.
 
 Runs at the lowest CPU priority (os.nice(19) before anything heavy): it quantizes WORK/float.xml
 with NNCF on the live inputs in WORK/samples.npy, compares int8 with the float precision served on
@@ -46,6 +46,7 @@ def main(argv: list[str]) -> None:
     work, float_precision = Path(argv[0]), argv[1]
     min_top1, min_top5 = float(argv[2]), float(argv[3])
     batch_size, trials = int(argv[4]), int(argv[5])
+    threads = int(argv[6]) if len(argv) > 6 else 0  # INFERSTACK_INFERENCE_THREADS of the serving worker
     import openvino as ov
 
     from . import openvino_runtime as ovr
@@ -56,8 +57,8 @@ def main(argv: list[str]) -> None:
     shape = ovr.input_shape_of(float_model)
     x = np.stack([prepare_pixels(p, shape) for p in np.load(work / "samples.npy")])
     int8_model = ovr.quantize(float_model, [x[i:i + 1] for i in range(len(x))])
-    float_call, float_runs = ovr.compile_call(float_model, float_precision, None)
-    int8_call, _ = ovr.compile_call(int8_model, "int8", None)
+    float_call, float_runs = ovr.compile_call(float_model, float_precision, None, threads)
+    int8_call, _ = ovr.compile_call(int8_model, "int8", None, threads)
     top1, top5 = agreement(_outputs(float_call, x), _outputs(int8_call, x))
     speeds = _race([(float_precision, float_runs, float_call), ("int8", "int8", int8_call)], shape, batch_size,
                    max(trials, MIN_TRIALS))
