@@ -236,8 +236,11 @@ def compare_runtimes(args: argparse.Namespace) -> int:
     """Raw and served figures per runtime/precision, measured in alternating rounds."""
     import tempfile
 
-    combos = [(r, p) for r in args.runtime.split(",") for p in args.precision.split(",")
-              if not (r == "keras" and p == "int8") and not (r == "keras" and p == "fp16")]
+    if args.combos:
+        combos = [tuple(c.split("/", 1)) for c in args.combos.split(",")]
+    else:
+        combos = [(r, p) for r in args.runtime.split(",") for p in args.precision.split(",")
+                  if not (r == "keras" and p == "int8") and not (r == "keras" and p == "fp16")]
     body, ctype = multipart(photo_jpeg())
     calibration = args.calibration_dir or calibration_folder(Path(tempfile.mkdtemp()) / "calibration")
     raws = {}
@@ -347,9 +350,10 @@ def main() -> int:
     ap.add_argument("--runtime", default="", help="compare runtimes: e.g. keras,openvino")
     ap.add_argument("--precision", default="", help="with --runtime: e.g. fp32,bf16,int8")
     ap.add_argument("--rounds", type=int, default=3, help="with --runtime: alternating measurement rounds")
+    ap.add_argument("--combos", default="", help="instead of --runtime x --precision: e.g. keras/fp32,openvino/auto")
     ap.add_argument("--calibration-dir", default=None, help="int8 calibration images (default: scikit-image photos)")
     args = ap.parse_args()
-    if args.runtime or args.precision:
+    if args.runtime or args.precision or args.combos:
         args.runtime = args.runtime or "keras,openvino"
         args.precision = args.precision or "fp32"
         return compare_runtimes(args)
