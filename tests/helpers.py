@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import numpy as np
 import requests
@@ -130,7 +130,7 @@ class PeakRss:
             if self._done.wait(self.interval_s):
                 return
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -155,7 +155,7 @@ class Dripper:
                 except OSError:
                     pass
 
-    def __enter__(self) -> "Dripper":
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 

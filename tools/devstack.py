@@ -23,6 +23,7 @@ from pathlib import Path
 from inferstack.contract import http
 from inferstack.contract.settings import default as setting_default
 from inferstack.contract.settings import env_name
+from typing import Self
 
 REDIS_URL = env_name("redis_url")
 
@@ -203,7 +204,7 @@ class LocalStack:
         self.workers = []
         self.stop_redis()
 
-    def __enter__(self) -> LocalStack:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -13,7 +13,7 @@ import json
 import tempfile
 import threading
 import zlib
-from typing import IO, Any
+from typing import IO, Any, Self
 
 from flask import Request, request
 from werkzeug.exceptions import RequestEntityTooLarge
@@ -113,7 +113,7 @@ class ReceivedBody:
         self.release_file()
         request.environ["wsgi.input"] = io.BytesIO()  # an installed, inflated copy goes too
 
-    def __enter__(self) -> ReceivedBody:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
