@@ -30,6 +30,8 @@ def test_openvino_compiles_the_model_on_the_threads_asked_for(digits_model):
     capped = load_classifier(digits_settings(digits_model, runtime="openvino", precision="fp32", inference_threads=1))
     compiled = capped._call.compiled  # what the CPU plugin was told, read back from the compiled model
     assert compiled.get_property("INFERENCE_NUM_THREADS") == 1 and capped.threads == 1
+    # Not pinned: models capped to one thread each in several processes would share one core.
+    assert compiled.get_property("ENABLE_CPU_PINNING") is False
     # Unset, the latency hint keeps every core it sees (more than one wherever there are several).
     assert default.threads == default._call.compiled.get_property("INFERENCE_NUM_THREADS")
     assert default.threads > 1 or os.cpu_count() == 1

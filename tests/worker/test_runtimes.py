@@ -3,6 +3,7 @@ guard over HTTP (each runtime/precision within 0.5 points of Keras fp32 on the d
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from tools.devstack import LocalStack
 from inferstack_worker import keras_runtime, openvino_runtime
 from inferstack_worker.model import Classifier, load_classifier, load_keras_model
 from inferstack_worker.runtime import Plan, bucket_sizes, gpu_available, resolve
-from tests.helpers import DIGIT_LABELS, digit_images, digits_env, png_bytes, stack_log
+from tests.helpers import DIGIT_LABELS, digit_images, digits_env, png_bytes, stack_log, wait_for
 
 
 def digits_settings(model: dict, **kw: object) -> Settings:
@@ -153,6 +154,38 @@ def test_openvino_matches_keras_and_caches_the_converted_model(digits_model, tmp
     before = openvino_runtime.cache_key(replace(settings, model=str(retrained)), "fp32", is_file=True)
     retrained.write_bytes(retrained.read_bytes() + b"\0")
     assert openvino_runtime.cache_key(replace(settings, model=str(retrained)), "fp32", is_file=True) != before
+
+
+# A second worker (another Spark task, say) loading the same model into the same cache.
+SECOND_WORKER = """
+import logging, sys
+logging.basicConfig(level=logging.INFO)
+from inferstack.config import Settings
+from inferstack_worker.model import load_classifier
+clf = load_classifier(Settings(model=sys.argv[1], labels=sys.argv[2], runtime="openvino", precision="fp32",
+                               cache_dir=sys.argv[3], inference_threads=1))
+print("loaded", clf.precision)
+"""
+
+
+def test_processes_sharing_a_cache_compile_one_at_a_time(digits_model, tmp_path):
+    """OpenVINO's blob cache breaks when two processes write the same blob at once: a worker that
+    finds another compiling into its cache says so and waits, then loads."""
+    folder = openvino_runtime.compiled_dir(str(tmp_path))
+    folder.mkdir(parents=True)
+    log = tmp_path / "second.log"
+    with open(folder / ".lock", "a") as held, open(log, "w") as out:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a first process compiling would hold it
+        proc = subprocess.Popen([sys.executable, "-c", SECOND_WORKER, str(digits_model["path"]),
+                                 str(digits_model["labels"]), str(tmp_path)], stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for(lambda: "waiting for another process compiling into" in log.read_text(), timeout=120,
+                     what="the waiting line", explain=log.read_text)
+            assert proc.poll() is None  # still waiting while the lock is held
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    assert "loaded fp32" in log.read_text() and any(folder.glob("*.blob"))
 
 
 def test_random_weights_are_never_cached(tmp_path):
