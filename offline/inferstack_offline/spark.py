@@ -47,8 +47,8 @@ def with_task_threads(settings: Settings, spark: SparkSession | None = None) -> 
     """settings whose model runs on spark.task.cpus threads, unless INFERSTACK_INFERENCE_THREADS says.
 
     Each task's Python worker holds its own model: on the runtime's default (every core) an
-    executor running N tasks runs N models on every core each, N x N threads. (On a 2-core machine
-    2 x 2 measured faster than 2 x 1, see docs/batch.md; set INFERSTACK_INFERENCE_THREADS there.)
+    executor running N tasks runs N models on every core each, N x N threads. (A capped OpenVINO
+    model is not pinned to cores, so N one-thread models spread over N cores: docs/batch.md.)
     `spark`: else the active session; without one the runtime's default stays."""
     if settings.inference_threads > 0:
         return settings
