@@ -150,12 +150,14 @@ def chosen_head_accuracy(features: Callable[[np.ndarray], np.ndarray], pixels: d
     return float(np.mean(np.asarray(head(features(x), training=False)).argmax(axis=1) == y))
 
 
-def test_transfer_reaches_90_percent_on_held_out_digits_and_records_the_baselines(finetuned, base_model, digits,
-                                                                                  photos):
-    """Also measures, for the record, the chosen head (a) on the preprocessed pixels alone and (b) on
-    the base architecture with random frozen weights, and (c) a whole CNN trained from scratch. On
-    these easy digits all three do about as well as transfer (docs/finetune.md), so no claim is
-    asserted either way; the figures go to OUT/baselines.json."""
+def test_transfer_reaches_90_percent_and_beats_the_same_head_trained_from_scratch(finetuned, base_model, digits,
+                                                                                 photos):
+    """Transfer against the same head trained from scratch, on the same 20 per class: the chosen
+    head (a) on the preprocessed pixels alone and (b) on the base architecture with random frozen
+    weights (the one difference from transfer: the base's weights were not learnt on 0-4). Also
+    measured for the record, not asserted: (c) a whole CNN trained end to end from scratch, which
+    does better than transfer on these easy 8x8 digits (docs/finetune.md). The figures go to
+    OUT/baselines.json."""
     import keras
 
     from inferstack_offline.finetune.model import load_backbone
@@ -180,6 +182,9 @@ def test_transfer_reaches_90_percent_on_held_out_digits_and_records_the_baseline
     (finetuned["out"] / "baselines.json").write_text(json.dumps(figures, indent=1))
     print(f"\nheld-out digits 5-9: {json.dumps(figures)}")
     assert figures["transfer"] >= 0.90
+    # Measured 94.3% against (a) 91.7% and (b) 87.1%, identical from run to run (fixed seeds).
+    assert figures["transfer"] >= figures["head_on_pixels"] + 0.015
+    assert figures["transfer"] >= figures["head_on_random_base"] + 0.05
 
 
 def test_outputs_metrics_plots_and_calibration(finetuned, photos):
