@@ -7,6 +7,10 @@
    answered `/predict` (decode + HTTP + enqueue + reply wait), from /proc, under a closed loop of
    `--clients`; beside it the decode alone, in this process, so the rest is the HTTP and queue
    share. Size web pods from the first figure and workers from the raw rate.
+3. One client, where the latency goes: sequential `/predict` of the 451x300 JPEG, alternating with
+   the raw batch-1 call in this process; the worker's own model time per request (its
+   `inferstack_inference_seconds` metric) and the CPU each process (web, Redis, worker) spends
+   per request.
 
 Usage: python bench/serving_tax.py [--model ResNet50] [--precision auto] [--requests 256]
 Writes bench/results/serving_tax.json.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import os
 import sys
 import time
@@ -33,7 +38,7 @@ from inferstack.config import Settings  # noqa: E402
 from inferstack.contract.settings import env_name as E  # noqa: E402
 from inferstack.imaging import decode_image  # noqa: E402
 from inferstack.protocol import WebQueue  # noqa: E402
-from tools.devstack import LocalStack  # noqa: E402
+from tools.devstack import LocalStack, free_port  # noqa: E402
 
 
 def sample_images() -> dict[str, tuple[bytes, str]]:
@@ -125,6 +130,66 @@ def web_cpu(env: dict[str, str], images: dict[str, tuple[bytes, str]], clients: 
     return out
 
 
+def process_cpu_s(pid: int) -> float:
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def scrape(url: str, name: str) -> float:
+    """The sum of a Prometheus metric's samples (all label sets) at url."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def one_client(env: dict[str, str], jpeg: bytes, clf: object, x: np.ndarray, rounds: int,
+               per_round: int) -> dict[str, object]:
+    """Sequential requests on one keep-alive connection, alternating with raw batch-1 calls."""
+    import http.client
+
+    body, ctype = multipart(jpeg)
+    port = free_port()
+    worker_metrics = f"http://127.0.0.1:{port}/metrics"
+    served, raw, model_s, cpu = [], [], 0.0, {"web": 0.0, "redis": 0.0, "worker": 0.0}
+    with LocalStack(env=env) as stack:
+        stack.start_redis()
+        stack.start_worker(env={E("metrics_port"): str(port)})  # the worker's only: the web would bind it too
+        stack.start_web()
+        stack.wait_ready()
+        conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=60)
+
+        def post() -> float:
+            t0 = time.perf_counter()
+            conn.request("POST", "/predict", body, {"Content-Type": ctype})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"/predict answered {resp.status}")
+            return (time.perf_counter() - t0) * 1000
+
+        for _ in range(5):
+            post()  # warm: the connection, the first decodes, the worker's batch-1 path
+        pids = {"web": stack.web.pid, "redis": stack.redis.pid, "worker": stack.workers[0].pid}
+        for _ in range(rounds):
+            before = {k: (tree_cpu_s(p) if k == "web" else process_cpu_s(p)) for k, p in pids.items()}
+            model_before = scrape(worker_metrics, "inferstack_inference_seconds_sum")
+            served += [post() for _ in range(per_round)]
+            model_s += scrape(worker_metrics, "inferstack_inference_seconds_sum") - model_before
+            for k, p in pids.items():
+                cpu[k] += (tree_cpu_s(p) if k == "web" else process_cpu_s(p)) - before[k]
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                clf.predict(x[None])  # type: ignore[attr-defined]
+                raw.append((time.perf_counter() - t0) * 1000)
+    n = len(served)
+    return {"requests": n, "served_p50_ms": float(np.median(served)), "raw_batch1_p50_ms": float(np.median(raw)),
+            "worker_model_ms_per_request": 1000 * model_s / n,
+            "cpu_ms_per_request": {k: 1000 * v / n for k, v in cpu.items()}}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.environ.get("BENCH_MODEL", "ResNet50"))
@@ -134,6 +199,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=256, help="pre-queued requests the worker drains")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per timed point")
+    ap.add_argument("--rounds", type=int, default=4, help="one-client rounds (25 requests, then 25 raw calls)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
 
@@ -164,6 +230,17 @@ def main() -> int:
         row["decode_ms"] = decode[name]
         row["http_and_queue_ms"] = row["web_cpu_ms_per_image"] - decode[name]
 
+    print("one client: served vs raw batch-1, alternating", flush=True)
+    clf, x = load_raw(args.model, args.weights, args.batch_size, precision=args.precision)
+    single = one_client(env, images["jpeg 451x300"][0], clf, x, args.rounds, 25)
+    del clf
+    single["served_minus_raw_ms"] = single["served_p50_ms"] - single["raw_batch1_p50_ms"]
+    single["goal"] = "served p50 <= raw batch-1 + 5 ms"
+    print(f"  served p50 {single['served_p50_ms']:.1f} ms, raw batch-1 p50 {single['raw_batch1_p50_ms']:.1f} ms "
+          f"({single['served_minus_raw_ms']:+.1f}); the worker's model time {single['worker_model_ms_per_request']:.1f}"
+          f" ms/request; CPU ms/request {json.dumps({k: round(v, 1) for k, v in single['cpu_ms_per_request'].items()})}",
+          flush=True)
+
     print("\nimage            web CPU ms/img  decode ms  rest ms   (CPU time; decode: in this process)")
     for name, row in web.items():
         print(f"{name:16s} {row['web_cpu_ms_per_image']:14.2f} {row['decode_ms']:10.2f} {row['http_and_queue_ms']:8.2f}")
@@ -174,6 +251,7 @@ def main() -> int:
         "raw_img_s": raw, "raw_before_after_img_s": [raw_before, raw_after],
         "worker": {**drain, "efficiency": efficiency, "goal": ">= 0.95"},
         "web_cpu_per_image": web,
+        "one_client": single,
     }
     write_result(args.out, "serving_tax.json", result)
     return 0

@@ -181,11 +181,13 @@ SETTINGS: tuple[Setting, ...] = (
     _s("INFERSTACK_WEB_SPOOL_BODIES", "web_spool_bodies", "int", 16,
        "full-size request bodies one web process holds under `/tmp` while receiving them (503 beyond)",
        lo=1, hi=4096),
-    # 0: the runtime's own default (every core it sees). `inferstack batch` sets spark.task.cpus.
+    # 0: the runtime's own default (every core it sees), capped by a cgroup CPU quota (a pod's CPU
+    # limit; inferstack_worker.cpu_quota). `inferstack batch` sets spark.task.cpus.
     _s("INFERSTACK_INFERENCE_THREADS", "inference_threads", "int", 0,
        "threads one model runs on (OpenVINO `INFERENCE_NUM_THREADS`, TensorFlow intra/inter-op); "
        "`inferstack batch`: `spark.task.cpus` when unset", lo=0, hi=1024,
-       shown="`0` (the runtime's default: every core it sees)"),
+       shown="`0` (the runtime's default: every core it sees, or the cgroup CPU quota's whole CPUs "
+             "(a pod's CPU limit) when fewer)"),
 )
 
 BY_FIELD: dict[str, Setting] = {s.field: s for s in SETTINGS}

@@ -16,6 +16,7 @@ import numpy as np
 from inferstack.config import ConfigError, Settings
 
 from .classifier import Classifier, prepare_pixels
+from .cpu_quota import threads_within_quota
 from .labels import imagenet_labels, labels_for
 from .loading import (
     BAKED_KERAS_HOME,
@@ -161,6 +162,7 @@ def load_classifier(settings: Settings, features: bool = False) -> Classifier:
     features=True: the same model cut before its classifier head (see feature_model); predict()
     then returns embeddings and there are no labels."""
     configure_gpus()
+    settings = threads_within_quota(settings)
     plan = resolve(settings)
     log.info("runtime %s, precision %s%s", plan.runtime, plan.precision, ", XLA" if plan.xla else "")
     if plan.runtime == "openvino":
