@@ -6,7 +6,8 @@
 2. Web CPU per image, per format and size: the CPU seconds the gunicorn process tree spends per
    answered `/predict` (decode + HTTP + enqueue + reply wait), from /proc, under a closed loop of
    `--clients`; beside it the decode alone, in this process, so the rest is the HTTP and queue
-   share. Size web pods from the first figure and workers from the raw rate.
+   share (for PNGs also the same decode with Pillow alone, libspng's gain). Size web pods from the
+   first figure and workers from the raw rate.
 3. One client, where the latency goes: sequential `/predict` of the 451x300 JPEG, alternating with
    the raw batch-1 call in this process; the worker's own model time per request (its
    `inferstack_inference_seconds` metric) and the CPU each process (web, Redis, worker) spends
@@ -63,14 +64,15 @@ def sample_images() -> dict[str, tuple[bytes, str]]:
     }
 
 
-def decode_ms(data: bytes, size: tuple[int, int], seconds: float) -> float:
+def decode_ms(data: bytes, size: tuple[int, int], seconds: float, fast_png: bool = True) -> float:
     """Median CPU time of the web tier's decode of one file, in this thread (CPU, not wall, time:
-    comparable with the web tree's CPU figure, and blind to other processes on a busy machine)."""
+    comparable with the web tree's CPU figure, and blind to other processes on a busy machine).
+    fast_png=False: Pillow decodes PNGs too (the reference libspng's pixels are tested against)."""
     times = []
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or len(times) < 5:
         t0 = time.thread_time()
-        decode_image(data, size)
+        decode_image(data, size, fast_png=fast_png)
         times.append((time.thread_time() - t0) * 1000)
     return float(np.median(times))
 
@@ -212,6 +214,8 @@ def main() -> int:
     raw_before = raw_throughput(clf, x, args.batch_size, args.duration)
     print(f"raw: {raw_before:.1f} img/s at batch {args.batch_size}", flush=True)
     decode = {name: decode_ms(data, size, 2.0) for name, (data, _) in images.items()}
+    pillow_png = {name: decode_ms(data, size, 2.0, fast_png=False)
+                  for name, (data, ctype) in images.items() if ctype == "image/png"}
     del clf  # the worker gets the cores to itself
 
     print(f"worker draining {args.requests} pre-queued requests", flush=True)
@@ -229,6 +233,8 @@ def main() -> int:
     for name, row in web.items():
         row["decode_ms"] = decode[name]
         row["http_and_queue_ms"] = row["web_cpu_ms_per_image"] - decode[name]
+        if name in pillow_png:
+            row["decode_pillow_only_ms"] = pillow_png[name]
 
     print("one client: served vs raw batch-1, alternating", flush=True)
     clf, x = load_raw(args.model, args.weights, args.batch_size, precision=args.precision)
@@ -244,6 +250,9 @@ def main() -> int:
     print("\nimage            web CPU ms/img  decode ms  rest ms   (CPU time; decode: in this process)")
     for name, row in web.items():
         print(f"{name:16s} {row['web_cpu_ms_per_image']:14.2f} {row['decode_ms']:10.2f} {row['http_and_queue_ms']:8.2f}")
+    for name, ms in pillow_png.items():
+        print(f"{name}: decode {decode[name]:.2f} ms (libspng) vs {ms:.2f} ms with Pillow alone: "
+              f"{ms / decode[name]:.2f}x")
     result = {
         "model": args.model, "precision": args.precision, "batch_size": args.batch_size,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+try:  # libspng decodes PNG in about 55% of Pillow's time; without its wheel Pillow decodes every PNG
+    import pyspng
+except ImportError:  # pragma: no cover - platforms without a pyspng wheel
+    pyspng = None
 
 # Formats whose decoders are common and well fuzzed; anything else is refused.
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
@@ -46,20 +52,23 @@ def decoded_bytes(im: Image.Image) -> int:
 
 
 def decode_image(
-    data: bytes, size: tuple[int, int], max_pixels: int = 50_000_000, max_bytes: int = 128 * 1024 * 1024
+    data: bytes, size: tuple[int, int], max_pixels: int = 50_000_000, max_bytes: int = 128 * 1024 * 1024,
+    *, fast_png: bool = True,
 ) -> np.ndarray:
     """Decode, orient, convert to RGB and resize to size=(height, width). Returns uint8 (h, w, 3).
 
     Memory is bounded by design: the header is checked against max_pixels and max_bytes before
     anything is decoded, JPEGs are decoded at reduced scale, and every conversion runs on an
     image already shrunk to about twice the model's size. Multi-frame files: first frame only.
+    Plain 8-bit PNGs are decoded by libspng (pixels identical to Pillow's), the rest by Pillow;
+    fast_png=False: Pillow decodes every PNG (the reference the tests hold libspng to).
     """
     if not data:
         raise BadImage("The uploaded file is empty; send a JPEG, PNG, GIF, BMP, TIFF or WebP image.")
     height, width = size
     im = _open_checked(data, max_pixels)
     try:
-        pixels = _decode_resized(im, width, height, max_bytes)
+        pixels = _decode_resized(im, data if fast_png else None, width, height, max_bytes)
     except BadImage:
         raise
     except Exception as exc:  # truncated data, bad Huffman tables, broken palettes...
@@ -91,8 +100,11 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def _decode_resized(im: Image.Image, width: int, height: int, max_bytes: int) -> np.ndarray:
-    """Decode within max_bytes, shrink, convert to RGB, orient and resize: uint8 (height, width, 3)."""
+def _decode_resized(im: Image.Image, data: bytes | None, width: int, height: int, max_bytes: int) -> np.ndarray:
+    """Decode within max_bytes, shrink, convert to RGB, orient and resize: uint8 (height, width, 3).
+
+    data: the file's bytes, for libspng to decode a plain PNG; None: Pillow decodes.
+    """
     if im.format == "JPEG":
         # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the photo is much larger than needed.
         im.draft(im.mode if im.mode in ("L", "RGB") else None, (2 * width, 2 * height))
@@ -103,15 +115,83 @@ def _decode_resized(im: Image.Image, width: int, height: int, max_bytes: int) ->
             f"{need // 2**20} MiB, over the limit of {max_bytes // 2**20} MiB. Send a smaller image "
             "(fewer pixels or 8 bits per channel)."
         )
-    im.load()
-    orientation = im.getexif().get(0x0112)
+    im, orientation = _loaded(im, data, max_bytes - need)
     im = _to_rgb(_shrink(im, 2 * max(width, height)))
-    method = _ORIENTATION.get(orientation)
+    method = _ORIENTATION.get(orientation or 0)  # 0: no tag
     if method is not None:
         im = im.transpose(method)
     if im.size != (width, height):
         im = im.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(im, dtype=np.uint8)
+
+
+def _loaded(im: Image.Image, data: bytes | None, budget: int) -> tuple[Image.Image, int | None]:
+    """The decoded image and its EXIF orientation tag: libspng for a plain PNG when data is given
+    and its copies fit in budget more bytes, Pillow's load() for everything else."""
+    fast = _spng_image(im, data, budget) if data is not None else None
+    if fast is None:
+        im.load()
+        return im, im.getexif().get(0x0112)
+    # The header chunks Pillow read are all the metadata there is (_plain_png_mode), so the
+    # orientation comes from them without the PNG plugin's getexif(), which would decode.
+    return fast, Image.Image.getexif(im).get(0x0112)
+
+
+def _spng_image(im: Image.Image, data: bytes, budget: int) -> Image.Image | None:
+    """The PNG's pixels decoded by libspng, as the image Pillow's load() would give; None where
+    that equality is not proven (palette, 16-bit, odd layouts), libspng refuses the file, or
+    its extra copy would not fit in budget bytes: then Pillow decodes, exactly as before.
+    """
+    if pyspng is None or im.format != "PNG":
+        return None
+    mode = _plain_png_mode(data)
+    if mode is None or mode != im.mode:
+        return None
+    # pyspng's copy of the file, and its array (one byte per band) beside Pillow's copy of that.
+    if len(data) + im.width * im.height * len(mode) > budget:
+        return None
+    try:
+        # No transparency or gamma flags: like Pillow, libspng then returns the stored samples.
+        arr = pyspng.load(data, mode)
+    except Exception:  # libspng is stricter (adler32, trailing data...): Pillow decides
+        return None
+    if arr.shape[:2] != (im.height, im.width):
+        return None
+    return Image.fromarray(arr, mode)
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# 8-bit colour types whose samples Pillow and libspng both keep as stored -> Pillow's mode. Not
+# grey+alpha (4): pyspng's only output for it, libspng's GA8, is refused for that colour type.
+_PLAIN_PNG_MODES = {0: "L", 2: "RGB", 6: "RGBA"}
+# Chunks that make Pillow decode something other than one plain image (APNG frames, regions).
+_ANIMATION_CHUNKS = frozenset({b"acTL", b"fcTL", b"fdAT"})
+
+
+def _plain_png_mode(data: bytes) -> str | None:
+    """The Pillow mode of a PNG laid out as IHDR, header chunks, IDAT..., IEND, every chunk
+    whole, 8 bits per sample, no palette, no animation; None for any other file.
+
+    Nothing may follow the image data but IEND: Pillow reads trailing chunks only while
+    loading (text, eXIf, and ones it may reject), so such files stay with Pillow.
+    """
+    if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 33:
+        return None
+    bit_depth, colour_type = data[24], data[25]
+    mode = _PLAIN_PNG_MODES.get(colour_type) if bit_depth == 8 else None
+    pos, in_image_data = 8, False
+    while mode is not None and pos + 12 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if pos + 12 + length > len(data):
+            return None  # truncated
+        if kind == b"IEND":
+            return mode if in_image_data else None
+        if kind == b"IDAT":
+            in_image_data = True
+        elif in_image_data or kind in _ANIMATION_CHUNKS or (kind == b"IHDR" and pos != 8):
+            return None
+        pos += 12 + length
+    return None
 
 
 def _shrink(im: Image.Image, side: int) -> Image.Image:

@@ -47,6 +47,14 @@ def jpeg_bytes(arr: np.ndarray, quality: int = 90) -> bytes:
     return encode(arr, "JPEG", quality=quality)
 
 
+def halves(w: int = 64, h: int = 32) -> Image.Image:
+    """Left half red, right half blue: orientation is visible."""
+    arr = np.zeros((h, w, 3), np.uint8)
+    arr[:, : w // 2] = (255, 0, 0)
+    arr[:, w // 2 :] = (0, 0, 255)
+    return Image.fromarray(arr)
+
+
 def digit_images() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's handwritten digits as 32x32 RGB uint8 images, and their classes."""
     from sklearn.datasets import load_digits

@@ -9,15 +9,7 @@ import pytest
 from PIL import Image
 
 from inferstack.imaging import BadImage, TooManyPixels, decode_image
-from tests.helpers import encode
-
-
-def halves(w: int = 64, h: int = 32) -> Image.Image:
-    """Left half red, right half blue: orientation is visible."""
-    arr = np.zeros((h, w, 3), np.uint8)
-    arr[:, : w // 2] = (255, 0, 0)
-    arr[:, w // 2 :] = (0, 0, 255)
-    return Image.fromarray(arr)
+from tests.helpers import encode, halves
 
 
 def test_real_photo_is_resized_to_model_input() -> None:
