@@ -1,8 +1,8 @@
 """Ray Serve: one replica, batching with `@serve.batch`, a FastAPI ingress taking the multipart
 upload; decode and the model call run in threads so the replica's event loop keeps accepting."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see `UploadFile` itself, and through Ray's
+# class wrapping it cannot resolve the string the future import leaves (PydanticUserError, 500).
 import asyncio
 import os
 import signal
