@@ -326,6 +326,10 @@ class ControlPlane:
                 f"--cluster-cidr={POD_CIDR}", f"--service-cluster-ip-range={SERVICE_CIDR}",
                 "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
                 "--concurrent-gc-syncs=5",
+                # kwok heartbeats its nodes every 20-45 s (55 s seen under load), past the default 50 s grace:
+                # the node flapped NotReady for 5 s each minute, and each flap marked every pod on it not
+                # ready for good (kwok does not re-mark them), failing whichever test then waited for one.
+                "--node-monitor-grace-period=10m",
                 # Tests create and delete many namespaces: the default 20 requests/s fell behind.
                 "--kube-api-qps=200", "--kube-api-burst=400"]
 
