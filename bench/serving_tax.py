@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench import load, load_raw, machine, multipart, raw_throughput, write_result  # noqa: E402
 
 from inferstack.config import Settings  # noqa: E402
+from inferstack.contract.http import METRICS_PATH, PREDICT_PATH  # noqa: E402
 from inferstack.contract.settings import env_name as E  # noqa: E402
 from inferstack.imaging import decode_image  # noqa: E402
 from inferstack.protocol import WebQueue  # noqa: E402
@@ -132,13 +133,6 @@ def web_cpu(env: dict[str, str], images: dict[str, tuple[bytes, str]], clients: 
     return out
 
 
-def process_cpu_s(pid: int) -> float:
-    import psutil
-
-    t = psutil.Process(pid).cpu_times()
-    return t.user + t.system
-
-
 def scrape(url: str, name: str) -> float:
     """The sum of a Prometheus metric's samples (all label sets) at url."""
     import urllib.request
@@ -154,7 +148,7 @@ def one_client(env: dict[str, str], jpeg: bytes, clf: object, x: np.ndarray, rou
 
     body, ctype = multipart(jpeg)
     port = free_port()
-    worker_metrics = f"http://127.0.0.1:{port}/metrics"
+    worker_metrics = f"http://127.0.0.1:{port}{METRICS_PATH}"
     served, raw, model_s, cpu = [], [], 0.0, {"web": 0.0, "redis": 0.0, "worker": 0.0}
     with LocalStack(env=env) as stack:
         stack.start_redis()
@@ -165,7 +159,7 @@ def one_client(env: dict[str, str], jpeg: bytes, clf: object, x: np.ndarray, rou
 
         def post() -> float:
             t0 = time.perf_counter()
-            conn.request("POST", "/predict", body, {"Content-Type": ctype})
+            conn.request("POST", PREDICT_PATH, body, {"Content-Type": ctype})
             resp = conn.getresponse()
             resp.read()
             if resp.status != 200:
@@ -176,12 +170,12 @@ def one_client(env: dict[str, str], jpeg: bytes, clf: object, x: np.ndarray, rou
             post()  # warm: the connection, the first decodes, the worker's batch-1 path
         pids = {"web": stack.web.pid, "redis": stack.redis.pid, "worker": stack.workers[0].pid}
         for _ in range(rounds):
-            before = {k: (tree_cpu_s(p) if k == "web" else process_cpu_s(p)) for k, p in pids.items()}
+            before = {k: tree_cpu_s(p) for k, p in pids.items()}
             model_before = scrape(worker_metrics, "inferstack_inference_seconds_sum")
             served += [post() for _ in range(per_round)]
             model_s += scrape(worker_metrics, "inferstack_inference_seconds_sum") - model_before
             for k, p in pids.items():
-                cpu[k] += (tree_cpu_s(p) if k == "web" else process_cpu_s(p)) - before[k]
+                cpu[k] += tree_cpu_s(p) - before[k]
             for _ in range(per_round):
                 t0 = time.perf_counter()
                 clf.predict(x[None])  # type: ignore[attr-defined]

@@ -178,7 +178,7 @@ class LocalStack:
             time.sleep(0.2)
         raise RuntimeError(f"stack not ready after {timeout_s} s: {last}; logs in {self.log_dir}")
 
-    def start(self, workers: int = 1, wait: bool = True) -> "LocalStack":
+    def start(self, workers: int = 1, wait: bool = True) -> LocalStack:
         self.start_redis()
         for _ in range(workers):
             self.start_worker()
