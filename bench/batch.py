@@ -6,13 +6,16 @@ JPEG and PNG), for each precision (the default, and OpenVINO int8 calibrated on 
 1. raw: the worker's classifier in this process, prepared batches of `--batch-size`, no decoding;
 2. batch: `inferstack batch FOLDER --master local[N]` for N = 1 and 2; steady-state throughput
    from the per-partition lines (after the first wave of partitions, which loads the model);
+   partitions of 4 model batches (`--partitions` = images / (4 x batch); the CLI's default is 8):
+   a partition's first batch decodes before inference can start, so one batch a partition (this
+   bench before) measured that stall, not the pipeline;
 3. classify: `inferstack classify FOLDER --concurrency 8` through a local stack (redis-server,
    one worker, gunicorn: tools.devstack) with the same model settings.
 
 Ratios: batch local[2] / raw (goal >= 0.85), batch local[2] / classify (goal >= 1.5),
 local[2] / local[1]. Without cached ImageNet weights ResNet50 gets random weights, saved to a file
 so every process (and OpenVINO's conversion cache) shares them: same speed, meaningless labels.
-Usage: python bench/batch.py [--images 384] [--batch-size 32] [--precisions default,int8]
+Usage: python bench/batch.py [--images 768] [--batch-size 32] [--precisions default,int8]
 """
 
 from __future__ import annotations
@@ -164,14 +167,15 @@ def measure(precision: str, base: dict[str, str], folder: Path, args: argparse.N
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="ResNet50")
-    parser.add_argument("--images", type=int, default=384)
+    parser.add_argument("--images", type=int, default=768)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--partitions", type=int, default=12)
+    parser.add_argument("--partitions", type=int, default=0, help="0: images / (4 x batch size)")
     parser.add_argument("--seconds", type=float, default=15.0, help="raw measurement time")
     parser.add_argument("--precisions", default="default,int8")
     parser.add_argument("--weights", choices=("auto", "random"), default="auto",
                         help="auto: ImageNet's where cached, else random (saved to a file all processes share)")
     args = parser.parse_args()
+    args.partitions = args.partitions or max(1, args.images // (4 * args.batch_size))
     work = Path(tempfile.mkdtemp(prefix="inferstack-bench-batch-"))
     folder = work / "photos"
     make_photos(folder, args.images)
@@ -184,7 +188,7 @@ def main() -> int:
     if args.weights == "random" or (args.weights == "auto" and weights_fallback_env("bench/batch.py")):
         base["INFERSTACK_WEIGHTS"] = random_weights(args.model, work / f"{args.model}-random.weights.h5")
     results = {p: measure(p, base, folder, args, work) for p in args.precisions.split(",")}
-    report = {"model": args.model, "images": args.images, "batch_size": args.batch_size,
+    report = {"model": args.model, "images": args.images, "batch_size": args.batch_size, "partitions": args.partitions,
               "weights": "random (not cached here)" if "INFERSTACK_WEIGHTS" in base else "imagenet",
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu_flags": cpu_flags(),
                           "load_average_at_end": os.getloadavg()},

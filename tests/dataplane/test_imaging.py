@@ -21,6 +21,19 @@ def test_real_photo_is_resized_to_model_input() -> None:
     assert 40 < out.mean() < 220  # a photo, not a blank
 
 
+@pytest.mark.parametrize("side", [700, 1600, 4000])
+def test_a_large_jpeg_decoded_at_reduced_scale_matches_a_full_decode(side: int) -> None:
+    # libjpeg's scaled decode may stop at the model's size, never below it: what the model sees
+    # stays what a full-size decode and an antialiased resize give (a smaller draft, upscaled
+    # back, blurs: mean difference over 2 levels).
+    import skimage.data
+
+    photo = Image.fromarray(skimage.data.astronaut()).resize((side, side * 3 // 4), Image.Resampling.BICUBIC)
+    reference = np.asarray(photo.resize((224, 224), Image.Resampling.BILINEAR), dtype=np.int16)
+    out = decode_image(encode(photo, "JPEG", quality=95), (224, 224)).astype(np.int16)
+    assert np.abs(out - reference).mean() < 2.0
+
+
 def test_exif_orientation_is_applied() -> None:
     im = halves()
     exif = Image.Exif()

@@ -231,3 +231,17 @@ def features_in_keras(digits_model: dict, upload: bytes) -> np.ndarray:
     head_input = keras.Model(model.inputs, model.layers[-1].input)
     x = decode_image(upload, (32, 32)).astype(np.float32)[None]
     return np.asarray(head_input(x, training=False))[0]
+
+
+@pytest.mark.parametrize("rows, parallelism, expected", [
+    (640, 2, 4),        # 2 waves of 2 partitions of 160 rows (5 batches), not 3 partitions of 214
+    (10_000_000, 16, 39_072),  # 8 batches (256 rows) a partition, whole waves of 16
+    (100, 2, 2),        # fewer rows than a partition's worth: still one partition per core
+    (1, 8, 1),          # never more partitions than rows
+])
+def test_default_partitions_fill_every_core_in_whole_waves(rows: int, parallelism: int, expected: int) -> None:
+    from inferstack_offline.batch import default_partitions
+
+    n = default_partitions(rows, 32, parallelism)
+    assert n == expected
+    assert n <= rows and (n % parallelism == 0 or n == rows)

@@ -13,6 +13,7 @@ from inferstack.contract import http
 from . import metrics
 from .errors import BadRequest, PayloadTooLarge, install_error_handlers
 from .inference import Inference, check_image_count, decode_base64
+from .multipart import Limits, form_files
 from .uploads import ReceivedBody, parse_json
 
 STARTED = "inferstack.start"  # request.environ key: when the request arrived
@@ -85,7 +86,17 @@ def uploaded_images(body: ReceivedBody, limit: int) -> tuple[list[bytes], bool]:
     for several (-> "results")."""
     if request.is_json:
         return _json_images(parse_json(body.data(), JSON_BODY))
-    body.install()
+    if request.mimetype == "multipart/form-data":
+        # The body and its images at once: twice the body, as web_memory_limit_bytes allows a slot.
+        data = body.data()
+        limits = Limits(request.max_form_parts, request.max_form_memory_size)
+        files = form_files(data, request.mimetype_params.get("boundary", ""), "image", limits)
+        if files is not None:
+            body.release_file()
+            return _checked_files(files, limit), len(files) > 1
+        body.install_data(data)  # not the plain shape: werkzeug parses it
+    else:
+        body.install()
     uploads = request.files.getlist("image")
     try:
         return _read_uploads(uploads, limit), len(uploads) > 1
@@ -95,12 +106,7 @@ def uploaded_images(body: ReceivedBody, limit: int) -> tuple[list[bytes], bool]:
 
 
 def _read_uploads(uploads: list[Any], limit: int) -> list[bytes]:
-    if not uploads:
-        raise BadRequest(
-            "No 'image' field in the request; send the file as multipart/form-data, "
-            'e.g. curl -F image=@cat.jpg, or JSON {"image": "<base64>"}.'
-        )
-    check_image_count(len(uploads))
+    _check_count(len(uploads))
     images, total = [], 0
     for upload in uploads:
         data = upload.stream.read(limit + 1 - total)
@@ -109,6 +115,23 @@ def _read_uploads(uploads: list[Any], limit: int) -> list[bytes]:
             raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
         images.append(data)
     return images
+
+
+def _checked_files(files: list[bytes], limit: int) -> list[bytes]:
+    """The same answers as _read_uploads, for files parsed in memory."""
+    _check_count(len(files))
+    if sum(len(f) for f in files) > limit:
+        raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
+    return files
+
+
+def _check_count(count: int) -> None:
+    if not count:
+        raise BadRequest(
+            "No 'image' field in the request; send the file as multipart/form-data, "
+            'e.g. curl -F image=@cat.jpg, or JSON {"image": "<base64>"}.'
+        )
+    check_image_count(count)
 
 
 def _json_images(body: Any) -> tuple[list[bytes], bool]:

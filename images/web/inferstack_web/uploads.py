@@ -92,15 +92,19 @@ class ReceivedBody:
     def install(self) -> None:
         """Let Flask's form parser read this body (inflated) instead of the connection."""
         assert self.file is not None
-        if request.headers.get("Content-Encoding", "identity").strip().lower() == "identity":
-            self.file.seek(0)
-            stream, size = self.file, self.size
-        else:
-            inflated = self.data()
-            self.release_file()  # the compressed copy is not needed any more
-            stream, size = io.BytesIO(inflated), len(inflated)
-        request.environ["wsgi.input"] = stream
-        request.environ["CONTENT_LENGTH"] = str(size)
+        if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+            self.install_data(self.data())  # the compressed copy goes
+            return
+        self.file.seek(0)
+        request.environ["wsgi.input"] = self.file
+        request.environ["CONTENT_LENGTH"] = str(self.size)
+        request.environ.pop("HTTP_TRANSFER_ENCODING", None)
+
+    def install_data(self, data: bytes) -> None:
+        """Let Flask's form parser read ``data`` (this body as data() gave it); the file goes."""
+        self.release_file()
+        request.environ["wsgi.input"] = io.BytesIO(data)
+        request.environ["CONTENT_LENGTH"] = str(len(data))
         request.environ.pop("HTTP_TRANSFER_ENCODING", None)
 
     def release_file(self) -> None:
