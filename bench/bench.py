@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from inferstack.config import Settings  # noqa: E402
-from inferstack.contract.http import PREDICT_PATH  # noqa: E402
+from inferstack.contract.http import IMAGE_FIELD, PREDICT_PATH  # noqa: E402
 from inferstack.contract.settings import env_name as E  # noqa: E402
 from tools.devstack import LocalStack  # noqa: E402
 from inferstack.imaging import decode_image  # noqa: E402
@@ -52,7 +52,7 @@ def photo_jpeg() -> bytes:
 def multipart(data: bytes, mime: str = "image/jpeg") -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     body = (
-        f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"upload\"\r\n"
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"{IMAGE_FIELD}\"; filename=\"upload\"\r\n"
         f"Content-Type: {mime}\r\n\r\n"
     ).encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"

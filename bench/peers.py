@@ -123,9 +123,9 @@ def run_peer(name: str, ir: str, precision: str, body: bytes, ctype: str, client
     env = {**os.environ, "PEER_IR": ir, "PEER_LABELS": str(logs.parent / "labels.txt"), "PEER_PORT": str(port),
            "PEER_BATCH": "32", "PEER_DELAY_MS": "5", "PEER_PRECISION_HINT": HINTS[precision],
            "PYTHONPATH": str(PEERS_DIR)}
-    log = open(logs / f"{name}-{precision}-{port}.log", "wb")
-    proc = subprocess.Popen([str(PEER_PYTHON), str(PEERS_DIR / PEERS[name])], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True, cwd=PEERS_DIR)
+    with open(logs / f"{name}-{precision}-{port}.log", "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([str(PEER_PYTHON), str(PEERS_DIR / PEERS[name])], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=PEERS_DIR)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_answering(url, body, ctype, proc)

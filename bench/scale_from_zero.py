@@ -28,7 +28,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inferstack.contract.http import PREDICT_PATH, READYZ_PATH  # noqa: E402
+from inferstack.contract.http import IMAGE_FIELD, PREDICT_PATH, READYZ_PATH  # noqa: E402
 from inferstack.contract.queue import GROUP, Keys  # noqa: E402
 from inferstack.contract.settings import env_name as E  # noqa: E402
 from tools.devstack import LocalStack, weights_fallback_env  # noqa: E402
@@ -54,7 +54,7 @@ def one_run(stack: LocalStack, upload: bytes, index: int) -> dict[str, float]:
     stream = Keys("inferstack").stream
     result: dict[str, requests.Response] = {}
     client = threading.Thread(target=lambda: result.update(rsp=requests.post(
-        stack.url + PREDICT_PATH, files={"image": ("chelsea.jpg", upload)}, timeout=600)))
+        stack.url + PREDICT_PATH, files={IMAGE_FIELD: ("chelsea.jpg", upload)}, timeout=600)))
     client.start()
     while lag(r, stream) < 1:
         time.sleep(0.01)

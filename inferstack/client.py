@@ -38,7 +38,7 @@ import requests
 from requests.adapters import HTTPAdapter
 from tqdm import tqdm
 
-from inferstack.contract.http import LOCAL_WEB_PORT, PREDICT_PATH
+from inferstack.contract.http import IMAGE_FIELD, LOCAL_WEB_PORT, PREDICT_PATH
 from inferstack.contract.media import IMAGE_SUFFIXES
 from inferstack.contract.settings import default as setting_default
 
@@ -164,7 +164,7 @@ class Client:
             last = attempt == self.retries
             try:
                 resp = self._session().post(
-                    self.url, files={"image": (filename, data)}, params={"top_k": self.top_k}, timeout=self.timeout_s
+                    self.url, files={IMAGE_FIELD: (filename, data)}, params={"top_k": self.top_k}, timeout=self.timeout_s
                 )
             except requests.RequestException as exc:
                 if last:

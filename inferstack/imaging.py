@@ -62,7 +62,7 @@ def decode_image(
     """Decode, orient, convert to RGB and resize to size=(height, width). Returns uint8 (h, w, 3).
 
     Memory is bounded by design: the header is checked against max_pixels and max_bytes before
-    anything is decoded, JPEGs are decoded at reduced scale (never below the model's size), and
+    anything is decoded, JPEGs are decoded at reduced scale (down to 1.5x the model's size), and
     every conversion runs on an image already shrunk to about twice the model's size. Multi-frame
     files: first frame only.
     Plain 8-bit PNGs are decoded by libspng (pixels identical to Pillow's), the rest by Pillow;
@@ -106,7 +106,7 @@ def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def _decode_resized(im: Image.Image, data: bytes | None, width: int, height: int, max_bytes: int) -> np.ndarray:
-    """Decode within max_bytes, shrink, convert to RGB, orient and resize: uint8 (height, width, 3).
+    """Decode within max_bytes, shrink, convert to RGB, resize and orient: uint8 (height, width, 3).
 
     data: the file's bytes, for libspng to decode a plain PNG; None: Pillow decodes.
     """

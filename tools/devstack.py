@@ -19,11 +19,11 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 from inferstack.contract import http
 from inferstack.contract.settings import default as setting_default
 from inferstack.contract.settings import env_name
-from typing import Self
 
 REDIS_URL = env_name("redis_url")
 
@@ -47,7 +47,7 @@ def _gpu_count() -> int:
     if shutil.which("nvidia-smi") is None:
         return 0
     try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=False).stdout
     except (OSError, subprocess.SubprocessError):
         return 0
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
@@ -88,12 +88,12 @@ class LocalStack:
         return f"http://127.0.0.1:{self.port}"
 
     def _spawn(self, argv: list[str], name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        out = None if not self.quiet else open(self.log_dir / f"{name}.log", "ab")
-        return subprocess.Popen(
-            argv, env=env or self.env, stdout=out, stderr=subprocess.STDOUT if out else None,
-            # Own process group: Ctrl-C in `make run` reaches us, and we stop the children in order.
-            start_new_session=True,
-        )
+        # Own process group: Ctrl-C in `make run` reaches us, and we stop the children in order.
+        if not self.quiet:
+            return subprocess.Popen(argv, env=env or self.env, start_new_session=True)
+        with open(self.log_dir / f"{name}.log", "ab") as out:  # the child keeps its own descriptor
+            return subprocess.Popen(argv, env=env or self.env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
 
     def start_redis(self) -> None:
         server = shutil.which("redis-server")

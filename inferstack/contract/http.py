@@ -23,6 +23,8 @@ READYZ_PATH = "/readyz"
 METRICS_PATH = "/metrics"
 OPENAPI_PATH = "/openapi.json"
 V2_PREFIX = "/v2"
+# The multipart field (and the JSON key) that carries the image in a /predict request.
+IMAGE_FIELD = "image"
 
 
 def worker_metrics_port(index: int) -> int:

@@ -41,8 +41,9 @@ def default_partitions(rows: int, batch_size: int, parallelism: int) -> int:
     rows on 2 cores are 4 partitions of 160, not 3 of 214 (whose last would run on one core alone).
     A partition's first batch decodes before any inference can start, so fewer, fuller partitions
     hide more of the decoding (one batch per partition hides none)."""
-    waves = math.ceil(rows / (max(1, parallelism) * batch_size * BATCHES_PER_PARTITION))
-    return max(1, min(rows, max(1, parallelism) * max(1, waves)))
+    parallelism = max(1, parallelism)
+    waves = max(1, math.ceil(rows / (parallelism * batch_size * BATCHES_PER_PARTITION)))
+    return max(1, min(rows, parallelism * waves))
 
 
 def _file_rows(spark: Any, spec: str, done: set[str], partitions: int | None, batch_size: int) -> tuple[Any, int]:

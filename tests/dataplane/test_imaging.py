@@ -23,9 +23,8 @@ def test_real_photo_is_resized_to_model_input() -> None:
 
 @pytest.mark.parametrize("side", [700, 1600, 4000])
 def test_a_large_jpeg_decoded_at_reduced_scale_matches_a_full_decode(side: int) -> None:
-    # libjpeg's scaled decode may stop at the model's size, never below it: what the model sees
-    # stays what a full-size decode and an antialiased resize give (a smaller draft, upscaled
-    # back, blurs: mean difference over 2 levels).
+    # libjpeg's scaled decode stops at 1.5x the model's size: what the model sees stays what a
+    # full-size decode and an antialiased resize give (a draft down to 1x: 2.4 levels at 700 px).
     import skimage.data
 
     photo = Image.fromarray(skimage.data.astronaut()).resize((side, side * 3 // 4), Image.Resampling.BICUBIC)

@@ -7,10 +7,10 @@ import io
 import random
 
 import pytest
+from inferstack_web.multipart import Limits, form_files
 from urllib3 import encode_multipart_formdata
 from werkzeug.formparser import parse_form_data
 
-from inferstack_web.multipart import Limits, form_files
 from tests.helpers import png_bytes
 
 LIMITS = Limits(max_parts=1000, max_field_bytes=500_000)
@@ -39,7 +39,7 @@ def random_content(rng: random.Random) -> bytes:
 
 def random_form(rng: random.Random) -> list[tuple[str, object]]:
     fields: list[tuple[str, object]] = []
-    for i in range(rng.randint(1, 5)):
+    for _ in range(rng.randint(1, 5)):
         name = rng.choice(["image", "image", "other", "top_k"])
         if rng.random() < 0.7:
             fields.append((name, (rng.choice(["a.jpg", "b c.png", "é.png", ""]), random_content(rng), "image/png")))

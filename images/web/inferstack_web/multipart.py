@@ -1,7 +1,8 @@
 """The files of a multipart/form-data body already in memory, found with bytes.find.
 
-werkzeug's parser is general and streaming, and pure Python: 0.7 ms for a 35 KB upload and 9 ms
-for a 3 MB one on this project's machine, against a 2.4 ms decode. Every client we know of (curl,
+werkzeug's parser is general and streaming, and pure Python: 0.53 ms for a 34 KB JPEG upload and
+1.5 ms for a 1 MB one on this project's machine (this module: 0.04 and 0.32), against a 2.7 ms
+decode of the first. Every client we know of (curl,
 requests/urllib3, browsers, our CLI) writes the one plain shape this module reads: the body
 starts with the first delimiter, every delimiter is CRLF-framed, part headers are one per line
 and end at a blank line. Anything else (a preamble, bare LF line breaks, folded headers, a
@@ -34,11 +35,11 @@ def form_files(body: bytes, boundary: str, name: str, limits: Limits) -> list[by
     """The contents of the file parts (parts with a filename) called ``name``, in body order, or
     None when the body is not in the plain shape (then werkzeug must parse it). ``boundary``: the
     Content-Type's boundary parameter (Flask's request.mimetype_params), as werkzeug reads it."""
+    if not boundary:
+        return None
     try:
         dash_boundary = b"--" + boundary.encode("latin-1")
     except UnicodeEncodeError:
-        return None
-    if not boundary:
         return None
     parts = _split(body, dash_boundary)
     if parts is None or (limits.max_parts is not None and len(parts) > limits.max_parts):

@@ -90,14 +90,15 @@ def uploaded_images(body: ReceivedBody, limit: int) -> tuple[list[bytes], bool]:
         # The body and its images at once: twice the body, as web_memory_limit_bytes allows a slot.
         data = body.data()
         limits = Limits(request.max_form_parts, request.max_form_memory_size)
-        files = form_files(data, request.mimetype_params.get("boundary", ""), "image", limits)
+        files = form_files(data, request.mimetype_params.get("boundary", ""), http.IMAGE_FIELD, limits)
         if files is not None:
             body.release_file()
-            return _checked_files(files, limit), len(files) > 1
+            _check_count(len(files))  # their total size: Inference.decode checks it, as for every body
+            return files, len(files) > 1
         body.install_data(data)  # not the plain shape: werkzeug parses it
     else:
         body.install()
-    uploads = request.files.getlist("image")
+    uploads = request.files.getlist(http.IMAGE_FIELD)
     try:
         return _read_uploads(uploads, limit), len(uploads) > 1
     finally:
@@ -117,14 +118,6 @@ def _read_uploads(uploads: list[Any], limit: int) -> list[bytes]:
     return images
 
 
-def _checked_files(files: list[bytes], limit: int) -> list[bytes]:
-    """The same answers as _read_uploads, for files parsed in memory."""
-    _check_count(len(files))
-    if sum(len(f) for f in files) > limit:
-        raise PayloadTooLarge(f"The upload is larger than the limit of {limit} bytes.")
-    return files
-
-
 def _check_count(count: int) -> None:
     if not count:
         raise BadRequest(
@@ -135,7 +128,7 @@ def _check_count(count: int) -> None:
 
 
 def _json_images(body: Any) -> tuple[list[bytes], bool]:
-    image = body.get("image") if isinstance(body, dict) else None
+    image = body.get(http.IMAGE_FIELD) if isinstance(body, dict) else None
     if isinstance(image, str):
         return [decode_base64(image, "'image'")], False
     if isinstance(image, list) and image and all(isinstance(x, str) for x in image):
