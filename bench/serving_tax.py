@@ -10,8 +10,11 @@
    first figure and workers from the raw rate.
 3. One client, where the latency goes: sequential `/predict` of the 451x300 JPEG, alternating with
    the raw batch-1 call in this process; the worker's own model time per request (its
-   `inferstack_inference_seconds` metric) and the CPU each process (web, Redis, worker) spends
-   per request.
+   `inferstack_inference_seconds` metric), the CPU each process (web, Redis, worker) spends
+   per request, and the request's timeline stage by stage: the stack runs with
+   bench/tracehook on its PYTHONPATH, which timestamps the web's and the worker's steps on the
+   clock every process shares (a few microseconds a request), so each millisecond over the raw
+   call is put where it was spent.
 
 Usage: python bench/serving_tax.py [--model ResNet50] [--precision auto] [--requests 256]
 Writes bench/results/serving_tax.json.
@@ -23,6 +26,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -141,15 +145,58 @@ def scrape(url: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
 
+# One request's stages at one client: (name, from mark, to mark), marks as bench/tracehook writes
+# them ("client" is this process). Their sum is the client's latency.
+STAGES = [
+    ("client -> web handler (HTTP, gunicorn, Flask)", "client.B", "PredictEndpoints.predict.B"),
+    ("body read", "PredictEndpoints.predict.B", "Inference.receive.E"),
+    ("multipart split", "Inference.receive.E", "Inference.decode.B"),
+    ("decode", "Inference.decode.B", "Inference.decode.E"),
+    ("enqueue (Redis function)", "Inference.decode.E", "Inference._submit.E"),
+    ("queue -> worker", "Inference._submit.E", "Worker.process.B"),
+    ("worker before the model (clock, prepare)", "Worker.process.B", "Classifier.predict.B"),
+    ("model", "Classifier.predict.B", "Classifier.predict.E"),
+    ("worker after the model (top-k, reply)", "Classifier.predict.E", "WorkerQueue.complete.B"),
+    ("reply write -> web wakes", "WorkerQueue.complete.B", "WebQueue._wait_raw.E"),
+    ("web reply -> client (JSON, HTTP)", "WebQueue._wait_raw.E", "client.E"),
+]
+TRACEHOOK = ROOT / "bench" / "tracehook"
+
+
+def timeline(trace_dir: Path, windows: list[tuple[int, int]]) -> dict[str, float]:
+    """Median ms of each stage over the client's request windows (ns), from the trace files."""
+    marks = []
+    for path in trace_dir.iterdir():
+        for line in path.read_text().splitlines():
+            t, name, edge = line.split()
+            marks.append((int(t), f"{name}.{edge}"))
+    marks.sort()
+    per_stage: dict[str, list[float]] = {name: [] for name, _, _ in STAGES}
+    for begin, end in windows:
+        seen = {"client.B": begin, "client.E": end}
+        for t, mark in marks:
+            if begin <= t <= end:
+                seen.setdefault(mark, t)  # the first of each: this request's
+        if all(a in seen and b in seen for _, a, b in STAGES):
+            for name, a, b in STAGES:
+                per_stage[name].append((seen[b] - seen[a]) / 1e6)
+    return {name: float(np.median(v)) for name, v in per_stage.items() if v}
+
+
 def one_client(env: dict[str, str], jpeg: bytes, clf: object, x: np.ndarray, rounds: int,
                per_round: int) -> dict[str, object]:
     """Sequential requests on one keep-alive connection, alternating with raw batch-1 calls."""
     import http.client
+    import tempfile
 
     body, ctype = multipart(jpeg)
     port = free_port()
     worker_metrics = f"http://127.0.0.1:{port}{METRICS_PATH}"
     served, raw, model_s, cpu = [], [], 0.0, {"web": 0.0, "redis": 0.0, "worker": 0.0}
+    windows: list[tuple[int, int]] = []
+    trace_dir = Path(tempfile.mkdtemp(prefix="inferstack-trace-"))
+    pythonpath = os.pathsep.join(p for p in (str(TRACEHOOK), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**env, "PYTHONPATH": pythonpath, "INFERSTACK_TRACE_DIR": str(trace_dir)}
     with LocalStack(env=env) as stack:
         stack.start_redis()
         stack.start_worker(env={E("metrics_port"): str(port)})  # the worker's only: the web would bind it too
@@ -158,16 +205,18 @@ def one_client(env: dict[str, str], jpeg: bytes, clf: object, x: np.ndarray, rou
         conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=60)
 
         def post() -> float:
-            t0 = time.perf_counter()
+            t0 = time.perf_counter_ns()
             conn.request("POST", PREDICT_PATH, body, {"Content-Type": ctype})
             resp = conn.getresponse()
             resp.read()
             if resp.status != 200:
                 raise RuntimeError(f"/predict answered {resp.status}")
-            return (time.perf_counter() - t0) * 1000
+            windows.append((t0, time.perf_counter_ns()))
+            return (windows[-1][1] - t0) / 1e6
 
         for _ in range(5):
             post()  # warm: the connection, the first decodes, the worker's batch-1 path
+        windows.clear()
         pids = {"web": stack.web.pid, "redis": stack.redis.pid, "worker": stack.workers[0].pid}
         for _ in range(rounds):
             before = {k: tree_cpu_s(p) for k, p in pids.items()}
@@ -181,9 +230,12 @@ def one_client(env: dict[str, str], jpeg: bytes, clf: object, x: np.ndarray, rou
                 clf.predict(x[None])  # type: ignore[attr-defined]
                 raw.append((time.perf_counter() - t0) * 1000)
     n = len(served)
+    stages = timeline(trace_dir, windows)
+    shutil.rmtree(trace_dir, ignore_errors=True)
     return {"requests": n, "served_p50_ms": float(np.median(served)), "raw_batch1_p50_ms": float(np.median(raw)),
             "worker_model_ms_per_request": 1000 * model_s / n,
-            "cpu_ms_per_request": {k: 1000 * v / n for k, v in cpu.items()}}
+            "cpu_ms_per_request": {k: 1000 * v / n for k, v in cpu.items()},
+            "stages_p50_ms": stages}
 
 
 def main() -> int:
@@ -240,6 +292,8 @@ def main() -> int:
           f"({single['served_minus_raw_ms']:+.1f}); the worker's model time {single['worker_model_ms_per_request']:.1f}"
           f" ms/request; CPU ms/request {json.dumps({k: round(v, 1) for k, v in single['cpu_ms_per_request'].items()})}",
           flush=True)
+    for name, ms in single["stages_p50_ms"].items():
+        print(f"    {ms:7.2f} ms  {name}")
 
     print("\nimage            web CPU ms/img  decode ms  rest ms   (CPU time; decode: in this process)")
     for name, row in web.items():
