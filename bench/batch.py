@@ -16,8 +16,9 @@ Ratios: batch local[2] / raw (goal >= 0.85), batch local[2] / classify (goal >= 
 local[2] / local[1]. Raw is measured before and after each of the three runs, and each run is
 divided by the mean of the raws beside it (this VM's speed drifts by up to 1.7x in minutes); the
 raw step also gives the CPU per image of the model and of decoding the folder, hence the most
-batch / raw can reach on these cores: model / (model + decode). Without cached ImageNet weights ResNet50 gets random weights, saved to a file
-so every process (and OpenVINO's conversion cache) shares them: same speed, meaningless labels.
+batch / raw can reach on these cores: model / (model + decode). Without cached ImageNet weights
+ResNet50 gets random weights, saved to a file so every process (and OpenVINO's conversion cache)
+shares them: same speed, meaningless labels.
 Usage: python bench/batch.py [--images 768] [--batch-size 32] [--precisions default,int8] [--png-every 4]
 """
 
@@ -174,8 +175,8 @@ def measure(precision: str, base: dict[str, str], folder: Path, args: argparse.N
     raws = [raw_rate(env, folder, args.batch_size, args.seconds)]
     result: dict[str, object] = {}
     for master in ("local[1]", "local[2]", "classify"):
-        print(f"[{precision}] {'inferstack ' + master if master == 'classify' else 'inferstack batch --master ' + master}"
-              " ... then raw", file=sys.stderr, flush=True)
+        label = "inferstack classify" if master == "classify" else f"inferstack batch --master {master}"
+        print(f"[{precision}] {label} ... then raw", file=sys.stderr, flush=True)
         if master == "classify":
             result["classify"] = classify_rate(env, folder, args.batch_size, work)
         else:
@@ -195,7 +196,8 @@ def measure(precision: str, base: dict[str, str], folder: Path, args: argparse.N
         / (rate["classify"] / beside["classify"]),
         "local2_over_local1": (rate["batch_local[2]"] / beside["batch_local[2]"])
         / (rate["batch_local[1]"] / beside["batch_local[1]"]),
-        # batch <= raw (it decodes too), so batch / classify can pass raw / classify only if batch passed raw.
+        # batch gets little past raw (it decodes too; one-thread models per task gain a few percent),
+        # so batch / classify cannot go much past raw / classify.
         "raw_over_classify": beside["classify"] / rate["classify"],
     }
     return result

@@ -6,7 +6,9 @@
 
 # The Makefile's `test` target depends on $(HELM_VENV_STAMP).
 HELM_VENV_STAMP := .venv-helm/.stamp
-PYTHON312 ?= $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python
+# pyenv's 3.12 (asked of pyenv when it is on PATH, else looked for under ~/.pyenv), else python3.12.
+PYTHON312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python \
+	$(HOME)/.pyenv/versions/3.12*/bin/python) $(shell command -v python3.12 2>/dev/null))
 HELM_VENV := .venv-helm
 HELM_SDKPY_VERSION ?= 0.1.32
 HELM_PY := $(HELM_VENV)/bin/python
