@@ -161,16 +161,14 @@ STAGES = [
     ("web reply -> client (JSON, HTTP)", "WebQueue._wait_raw.E", "client.E"),
 ]
 TRACEHOOK = ROOT / "bench" / "tracehook"
+sys.path.insert(0, str(TRACEHOOK))
+
+from stagetrace import TRACE_DIR_ENV, read_marks  # noqa: E402
 
 
 def timeline(trace_dir: Path, windows: list[tuple[int, int]]) -> dict[str, float]:
     """Median ms of each stage over the client's request windows (ns), from the trace files."""
-    marks = []
-    for path in trace_dir.iterdir():
-        for line in path.read_text().splitlines():
-            t, name, edge = line.split()
-            marks.append((int(t), f"{name}.{edge}"))
-    marks.sort()
+    marks = read_marks(str(trace_dir))
     per_stage: dict[str, list[float]] = {name: [] for name, _, _ in STAGES}
     for begin, end in windows:
         seen = {"client.B": begin, "client.E": end}
@@ -196,7 +194,7 @@ def one_client(env: dict[str, str], jpeg: bytes, clf: object, x: np.ndarray, rou
     windows: list[tuple[int, int]] = []
     trace_dir = Path(tempfile.mkdtemp(prefix="inferstack-trace-"))
     pythonpath = os.pathsep.join(p for p in (str(TRACEHOOK), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**env, "PYTHONPATH": pythonpath, "INFERSTACK_TRACE_DIR": str(trace_dir)}
+    env = {**env, "PYTHONPATH": pythonpath, TRACE_DIR_ENV: str(trace_dir)}
     with LocalStack(env=env) as stack:
         stack.start_redis()
         stack.start_worker(env={E("metrics_port"): str(port)})  # the worker's only: the web would bind it too

@@ -173,7 +173,7 @@ class Pki:
         subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, o) for o in orgs]
                             + [x509.NameAttribute(NameOID.COMMON_NAME, cn)])
         issuer = subject if ca else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "inferstack-local-ca")])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer)
                    .public_key(key.public_key()).serial_number(x509.random_serial_number())
                    .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=7))
